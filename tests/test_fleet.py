@@ -1,0 +1,49 @@
+"""Several processes, one Redis, one limit: together they admit exactly the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+
+import pytest
+
+from tiered_limiter import TieredLimiter
+
+LIMIT = 100
+PER_PROCESS = 60
+SCOPE = "api_key:" + "cd" * 32
+
+
+def _proxy(url: str, procs: int, ready: mp.Barrier, results: mp.Queue) -> None:  # type: ignore[type-arg]
+    async def main() -> int:
+        async with TieredLimiter(url, sync_interval=0.05, window=60, redis_timeout=2.0) as lim:
+            deadline = time.monotonic() + 20
+            while lim.stats()["proxies"] < procs:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the other proxies never showed up in the heartbeat set")
+                await asyncio.sleep(0.05)  # the sync task updates the count on its next run
+            ready.wait(timeout=30)
+            admitted = 0
+            for _ in range(PER_PROCESS):
+                admitted += (await lim.acquire(SCOPE, rpm=LIMIT)).allowed
+            return admitted
+
+    results.put(asyncio.run(main()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [2, 3])
+def test_processes_sharing_one_redis_admit_exactly_the_limit(redis_url: str, procs: int) -> None:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Barrier(procs)
+    results: mp.Queue[int] = ctx.Queue()  # type: ignore[type-arg]
+    workers = [ctx.Process(target=_proxy, args=(redis_url, procs, ready, results)) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    admitted = [results.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+        assert w.exitcode == 0
+    assert procs * PER_PROCESS > LIMIT
+    assert sum(admitted) == LIMIT, admitted

@@ -1,0 +1,319 @@
+"""TieredLimiter against a real redis-server: semantics, keys, windows and failures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis as redis_sync
+
+from tiered_limiter import (
+    Decision,
+    InvalidArgumentError,
+    InvalidTypeError,
+    Limit,
+    RedisUnavailableError,
+    TieredLimiter,
+)
+
+from .conftest import FakeClock
+from .support import RedisServer, free_port
+
+KEY = "api_key:" + "ab" * 32
+
+# A sync interval long enough that the background task never runs during a test: the tests
+# call `sync()` themselves, so every push happens at a point the test chose.
+QUIET = 30.0
+
+
+def limiter(redis_url: str | None, clock: FakeClock, **kw: object) -> TieredLimiter:
+    return TieredLimiter(redis_url, sync_interval=QUIET, window=60, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def counts(url: str, scope: str) -> tuple[int | None, int, float]:
+    r = redis_sync.Redis.from_url(url, decode_responses=True)
+    try:
+        ws = r.get(f"{{{scope}}}:window")
+        req = r.get(f"{{{scope}}}:requests")
+        tok = r.get(f"{{{scope}}}:tokens")
+        return (int(ws) if ws else None, int(req or 0), float(tok or 0))
+    finally:
+        r.close()
+
+
+async def test_without_redis_admits_exactly_the_limit(clock: FakeClock) -> None:
+    async with limiter(None, clock) as lim:
+        results = [await lim.acquire(KEY, rpm=5) for _ in range(8)]
+    assert [d.allowed for d in results] == [True] * 5 + [False] * 3
+    assert results[4].remaining == 0
+    assert results[5].scope == KEY
+    assert 59.0 <= results[5].retry_after <= 60.0
+
+
+async def test_window_rolls_over_on_the_injected_clock(clock: FakeClock) -> None:
+    async with limiter(None, clock) as lim:
+        assert [(await lim.acquire(KEY, rpm=2)).allowed for _ in range(3)] == [True, True, False]
+        clock.advance(59.5)
+        assert not (await lim.acquire(KEY, rpm=2)).allowed
+        clock.advance(1.0)
+        assert (await lim.acquire(KEY, rpm=2)).allowed
+
+
+async def test_cold_scope_reads_redis_once_then_answers_locally(
+    redis_url: str, clock: FakeClock
+) -> None:
+    async with limiter(redis_url, clock) as lim:
+        assert lim.try_acquire(KEY, rpm=1000) is None
+        first = await lim.acquire(KEY, rpm=1000)
+        trips = lim.stats()["redis_round_trips"]
+        later = [lim.try_acquire(KEY, rpm=1000) for _ in range(50)]
+        assert first.allowed
+        assert all(d is not None and d.allowed for d in later)
+        assert lim.stats()["redis_round_trips"] == trips
+        assert lim.stats()["loads"] == 1
+
+
+async def test_sync_writes_litellm_keys_and_ttls(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as lim:
+        for _ in range(7):
+            assert (await lim.acquire(KEY, rpm=100, tpm=10_000, tokens=10)).allowed
+        await lim.sync()
+        ws, req, tok = counts(redis_url, KEY)
+        assert ws == math.floor(clock.now)
+        assert (req, tok) == (7, 70)
+        r = redis_sync.Redis.from_url(redis_url)
+        # TTLs in seconds, never milliseconds: they end with the window.
+        ttls = [r.ttl(f"{{{KEY}}}:{suffix}") for suffix in ("window", "requests", "tokens")]
+        r.close()
+        assert all(0 < t <= 60 for t in ttls), ttls
+
+
+async def test_two_syncs_do_not_count_a_delta_twice(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as lim:
+        for _ in range(4):
+            await lim.acquire(KEY, rpm=100)
+        await lim.sync()
+        await lim.sync()
+        assert counts(redis_url, KEY)[1] == 4
+        await lim.acquire(KEY, rpm=100)
+        await lim.sync()
+        assert counts(redis_url, KEY)[1] == 5
+
+
+async def test_denies_when_fleet_total_reaches_limit(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as a, limiter(redis_url, clock) as b:
+        await a.sync()
+        await b.sync()
+        admitted = 0
+        for _ in range(10):
+            admitted += (await a.acquire(KEY, rpm=10)).allowed
+            admitted += (await b.acquire(KEY, rpm=10)).allowed
+            await a.sync()
+            await b.sync()
+        assert admitted == 10
+        assert counts(redis_url, KEY)[1] == 10
+        assert not (await a.acquire(KEY, rpm=10)).allowed
+        assert not (await b.acquire(KEY, rpm=10)).allowed
+
+
+async def test_other_proxy_sees_fleet_total_after_sync(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as a, limiter(redis_url, clock) as b:
+        await a.acquire(KEY, rpm=1000)
+        await b.acquire(KEY, rpm=1000)
+        for _ in range(30):
+            await a.acquire(KEY, rpm=1000)
+        await a.sync()
+        await b.sync()
+        decision = b.try_acquire(KEY, rpm=1000)
+        assert decision is not None
+        assert decision.remaining == 1000 - 33
+
+
+async def test_denied_requests_charge_nothing(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as lim:
+        results = [await lim.acquire(KEY, rpm=3) for _ in range(10)]
+        await lim.sync()
+    assert sum(d.allowed for d in results) == 3
+    assert counts(redis_url, KEY)[1] == 3
+
+
+async def test_denial_of_one_scope_charges_no_scope(redis_url: str, clock: FakeClock) -> None:
+    user, team = "user:u-1", "team:t-1"
+    async with limiter(redis_url, clock) as lim:
+        assert (await lim.acquire(team, rpm=1)).allowed
+        decision = await lim.acquire_many([Limit(user, rpm=10), Limit(team, rpm=1)])
+        await lim.sync()
+    assert not decision.allowed
+    assert decision.scope == team
+    assert counts(redis_url, user)[1] == 0
+    assert counts(redis_url, team)[1] == 1
+
+
+async def test_token_estimate_is_corrected_after_the_call(
+    redis_url: str, clock: FakeClock
+) -> None:
+    async with limiter(redis_url, clock) as lim:
+        assert (await lim.acquire(KEY, tpm=1000, tokens=300)).allowed
+        lim.record(KEY, tokens=-120)
+        await lim.sync()
+        assert counts(redis_url, KEY)[2] == 180
+        lim.record(KEY, tokens=50)
+        await lim.sync()
+        assert counts(redis_url, KEY)[2] == 230
+
+
+async def test_token_limit_denies_an_estimate_that_does_not_fit(
+    redis_url: str, clock: FakeClock
+) -> None:
+    async with limiter(redis_url, clock) as lim:
+        assert (await lim.acquire(KEY, tpm=1000, tokens=900)).allowed
+        decision = await lim.acquire(KEY, tpm=1000, tokens=200)
+        assert not decision.allowed
+        assert (await lim.acquire(KEY, tpm=1000, tokens=100)).allowed
+        assert not (await lim.acquire(KEY, tpm=1000)).allowed
+
+
+async def test_delta_of_an_ended_window_is_dropped(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as lim:
+        for _ in range(5):
+            await lim.acquire(KEY, rpm=100)
+        clock.advance(61)
+        await lim.sync()
+        assert counts(redis_url, KEY)[1] == 0
+        assert (await lim.acquire(KEY, rpm=100)).allowed
+        await lim.sync()
+        ws, req, _ = counts(redis_url, KEY)
+    assert (ws, req) == (math.floor(clock.now), 1)
+
+
+async def test_new_window_starts_from_redis_not_the_local_clock(
+    redis_url: str, clock: FakeClock
+) -> None:
+    async with limiter(redis_url, clock) as lim:
+        await lim.acquire(KEY, rpm=100)
+        await lim.sync()
+        opened = counts(redis_url, KEY)[0]
+        clock.advance(30)
+        await lim.acquire(KEY, rpm=100)
+        await lim.sync()
+        assert counts(redis_url, KEY)[0] == opened
+
+
+async def test_keys_carry_the_namespace(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock, namespace="ns1") as lim:
+        await lim.acquire(KEY, rpm=10)
+        await lim.sync()
+    r = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+    keys = sorted(k for k in r.scan_iter() if "proxies" not in k)
+    r.close()
+    assert keys == sorted(f"ns1:{{{KEY}}}:{s}" for s in ("requests", "tokens", "window"))
+
+
+async def test_deltas_survive_a_failed_sync(clock: FakeClock) -> None:
+    server = RedisServer().start()
+    try:
+        async with limiter(server.url, clock, redis_timeout=0.5) as lim:
+            for _ in range(6):
+                await lim.acquire(KEY, rpm=100)
+            server.stop()
+            await lim.sync()
+            assert lim.stats()["degraded"]
+            assert lim.stats()["pending"] == 1
+            server.start()
+            await lim.sync()
+            assert not lim.stats()["degraded"]
+            assert counts(server.url, KEY)[1] == 6
+    finally:
+        server.stop()
+
+
+async def test_unreachable_redis_at_start_raises_without_password(clock: FakeClock) -> None:
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
+    lim = limiter(url, clock, redis_timeout=0.2)
+    with pytest.raises(RedisUnavailableError) as err:
+        await lim.start()
+    assert "hunter2" not in str(err.value)
+    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in str(err.value)
+
+
+async def test_clean_stop_flushes_every_delta(redis_url: str, clock: FakeClock) -> None:
+    async with limiter(redis_url, clock) as lim:
+        for i in range(20):
+            await lim.acquire(f"user:u-{i}", rpm=50, tpm=500, tokens=3)
+    for i in range(20):
+        assert counts(redis_url, f"user:u-{i}")[1:] == (1, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rpm": 0}, "rpm must be between 1"),
+        ({"rpm": -1}, "rpm must be between 1"),
+        ({"tpm": 2**32}, "tpm must be between 1"),
+        ({"rpm": 1.5}, "rpm must be an int"),
+        ({"rpm": math.nan}, "rpm must be an int"),
+        ({"tokens": -5}, "tokens must be between 0"),
+        ({"tokens": math.nan}, "tokens must be an int"),
+        ({"tokens": 2.0}, "tokens must be an int"),
+    ],
+)
+async def test_bad_numbers_raise_before_any_charge(
+    clock: FakeClock, kwargs: dict[str, object], message: str
+) -> None:
+    async with limiter(None, clock) as lim:
+        before = lim.stats()
+        with pytest.raises((InvalidArgumentError, InvalidTypeError), match=message):
+            await lim.acquire(KEY, **kwargs)  # type: ignore[arg-type]
+        assert lim.stats() == before
+        assert (await lim.acquire(KEY, rpm=1)).allowed
+
+
+@pytest.mark.parametrize(
+    ("scope", "error", "message"),
+    [
+        ("", InvalidArgumentError, "must not be empty"),
+        ("x" * 1025, InvalidArgumentError, "at most 1024 bytes"),
+        ("é" * 513, InvalidArgumentError, "at most 1024 bytes"),
+        (b"api_key:x", InvalidTypeError, "must be a str, got bytes"),
+        (None, InvalidTypeError, "must be a str, got NoneType"),
+    ],
+)
+async def test_bad_scopes_raise(
+    clock: FakeClock, scope: object, error: type[Exception], message: str
+) -> None:
+    async with limiter(None, clock) as lim:
+        with pytest.raises(error, match=message):
+            await lim.acquire(scope, rpm=1)  # type: ignore[arg-type]
+        with pytest.raises(error, match=message):
+            lim.record(scope, tokens=1)  # type: ignore[arg-type]
+        assert lim.stats()["scopes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sync_interval": 0}, "sync_interval must be a positive"),
+        ({"sync_interval": -1}, "sync_interval must be a positive"),
+        ({"sync_interval": math.nan}, "sync_interval must be a positive"),
+        ({"sync_interval": 60, "window": 60}, "sync_interval must be shorter than window"),
+        ({"window": 0}, "window must be between 1"),
+        ({"max_scopes": 0}, "max_scopes must be between 1"),
+        ({"on_redis_down": "panic"}, "on_redis_down must be one of local, allow, deny"),
+        ({"redis_timeout": 0}, "redis_timeout must be a positive"),
+    ],
+)
+def test_bad_configuration_raises(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        TieredLimiter(None, **kwargs)  # type: ignore[arg-type]
+
+
+def test_redis_of_the_wrong_type_raises() -> None:
+    with pytest.raises(InvalidTypeError, match="redis must be a URL"):
+        TieredLimiter(42)  # type: ignore[arg-type]
+
+
+def test_decision_reads_like_a_tuple_and_by_name() -> None:
+    decision = Decision(False, 0, 12.5, None, "user:u-1")
+    allowed, remaining, retry_after, *_ = decision
+    assert (allowed, remaining, retry_after) == (False, 0, 12.5)
+    assert decision.scope == "user:u-1"

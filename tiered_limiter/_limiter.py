@@ -1,0 +1,527 @@
+"""The public limiter: a Rust hot tier in front of Redis, kept in step by a sync task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from . import _native, _validate
+from ._errors import InvalidTypeError, RedisUnavailableError
+from ._redis import Call, Delta, RedisBackend, Reply, redact
+
+logger = logging.getLogger(__name__)
+
+_ADMITTED = _native.ADMITTED
+_DENIED = _native.DENIED
+_LOAD = _native.LOAD
+_POLICIES = ("local", "allow", "deny")
+# Each scope in a sync batch costs three keys and five arguments in one script call; 500 keeps
+# a call well under a millisecond of Redis time.
+_DEFAULT_BATCH = 500
+_EVICT_BUDGET = 4096
+
+
+class Decision(NamedTuple):
+    """The answer to one request.
+
+    Attributes:
+        allowed: Whether the request may proceed. A denied request charged nothing.
+        remaining: Requests left in the tightest request limit, None when no scope has one.
+        retry_after: Seconds until the denying scope's window ends; 0 when allowed.
+        remaining_tokens: Tokens left in the tightest token limit, None when no scope has one.
+        scope: The scope that denied the request, None when allowed.
+    """
+
+    allowed: bool
+    remaining: int | None
+    retry_after: float
+    remaining_tokens: int | None = None
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One scope of a request with its limits; None means no limit of that kind."""
+
+    scope: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+_Errors = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class TieredLimiter:
+    """Requests- and tokens-per-window limits, checked in process and shared through Redis.
+
+    Use it as `async with TieredLimiter(...) as limiter:`; leaving the block flushes every
+    pending delta to Redis.
+
+    Args:
+        redis: A Redis URL, a `redis.asyncio.Redis` or `RedisCluster` client, or None for one
+            process without Redis (exact within the process).
+        sync_interval: Seconds between pushes of local deltas to Redis.
+        window: The window length in seconds, as LiteLLM's `LITELLM_RATE_LIMIT_WINDOW_SIZE`.
+        max_scopes: The most scopes tracked in memory; past it, idle synced scopes are evicted.
+        namespace: A prefix of every Redis key (LiteLLM's `RedisCache(namespace=...)`).
+        redis_timeout: The longest a request waits on Redis (a cold scope or the exact last
+            stretch before a limit), and the longest a sync may take.
+        on_redis_down: What requests that need Redis get while it is unreachable: "local"
+            (this proxy's share of the limit, from local state), "allow" or "deny".
+        batch_size: Scopes per script call in a sync.
+        clock: A function returning the fleet's time in seconds; by default Redis's clock,
+            estimated from its replies. Tests inject one to roll windows over without waiting.
+        proxy_id: This process's name in the fleet's heartbeat set.
+        shards: Independently locked parts of the in-memory table (a power of two).
+
+    Raises:
+        InvalidArgumentError: An argument has an unusable value (the message names it).
+        InvalidTypeError: An argument has an unusable type.
+    """
+
+    def __init__(
+        self,
+        redis: str | Redis | RedisCluster | None,
+        *,
+        sync_interval: float = 0.1,
+        window: int = 60,
+        max_scopes: int = 1_000_000,
+        namespace: str = "",
+        redis_timeout: float = 0.25,
+        on_redis_down: str = "local",
+        batch_size: int = _DEFAULT_BATCH,
+        clock: Callable[[], float] | None = None,
+        proxy_id: str | None = None,
+        shards: int = 64,
+    ) -> None:
+        self._window = _validate.positive_int(window, "window", maximum=86_400 * 366)
+        self._interval = _validate.positive_seconds(sync_interval, "sync_interval")
+        if self._interval >= self._window:
+            raise _validate.InvalidArgumentError(
+                f"sync_interval must be shorter than window ({self._window} s), "
+                f"got {sync_interval}"
+            )
+        self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
+        self._policy = _validate.choice(on_redis_down, "on_redis_down", _POLICIES)
+        self._batch = _validate.positive_int(batch_size, "batch_size", maximum=100_000)
+        _validate.positive_int(max_scopes, "max_scopes", maximum=2**31)
+        if not isinstance(namespace, str):
+            raise InvalidTypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        if clock is not None and not callable(clock):
+            raise InvalidTypeError(f"clock must be callable, got {type(clock).__name__}")
+        self._table = _native.Table(max_scopes, shards)
+        self._clock = clock
+        self._offset = 0.0
+        self._proxy_id = proxy_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._namespace = namespace
+        self._redis_arg = redis
+        self._backend: RedisBackend | None = None
+        self._owns_client = False
+        self._url = "<client>"
+        if redis is not None and not isinstance(redis, (str, Redis, RedisCluster)):
+            raise InvalidTypeError(
+                "redis must be a URL, a redis.asyncio.Redis or RedisCluster client, or None; "
+                f"got {type(redis).__name__}"
+            )
+        self._proxies = 1
+        self._degraded = False
+        self._error_kinds: set[str] = set()
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
+        self._counts = {
+            "syncs": 0,
+            "redis_errors": 0,
+            "loads": 0,
+            "exact_checks": 0,
+            "fallback_decisions": 0,
+            "dropped_deltas": 0,
+            "dropped_corrections": 0,
+        }
+
+    # Lifecycle
+
+    async def __aenter__(self) -> TieredLimiter:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect to Redis and start the sync task.
+
+        Raises:
+            RedisUnavailableError: Redis did not answer within `redis_timeout`.
+        """
+        if self._task is not None or self._redis_arg is None:
+            return
+
+        client = self._redis_arg
+        if isinstance(client, str):
+            self._url = redact(client)
+            client = Redis.from_url(
+                client,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+            )
+            self._owns_client = True
+        backend = RedisBackend(
+            client, namespace=self._namespace, window=self._window, clock=self._clock
+        )
+        try:
+            await backend.ping(self._timeout)
+        except _Errors as exc:
+            if self._owns_client:
+                await client.aclose()
+            raise RedisUnavailableError(
+                f"could not reach Redis at {self._url} within redis_timeout={self._timeout} s: "
+                f"{type(exc).__name__}"
+            ) from None
+        self._backend = backend
+        await self._sync_once()
+        self._task = asyncio.create_task(self._run(), name="tiered_limiter.sync")
+        self._task.add_done_callback(_log_crash)
+
+    async def close(self) -> None:
+        """Stop the sync task and flush every pending delta to Redis."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        backend = self._backend
+        if backend is None:
+            return
+
+        await self._sync_once(leaving=True)
+        if self._degraded:
+            lost = self._table.stats()["pending"]
+            logger.warning("stopped with %d scopes' deltas not pushed: Redis unreachable", lost)
+        if self._owns_client:
+            await backend.client.aclose()
+        self._backend = None
+
+    # The request path
+
+    def try_acquire(
+        self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0
+    ) -> Decision | None:
+        """Check and charge one request from local state alone, without awaiting.
+
+        Returns:
+            The decision, or None where only Redis can answer: a scope not yet read from
+            Redis, or the last stretch before a limit. Then call `acquire`.
+        """
+        scope = _validate.scope(scope)
+        r = _validate.limit(rpm, "rpm")
+        t = _validate.limit(tpm, "tpm")
+        n = _validate.tokens(tokens)
+        result = self._table.check_one(
+            scope, r, t, n, self._now(), self._window, self._proxies, offline=self._offline
+        )
+        if result[0] > _DENIED:
+            return self._fallback([scope], [r], [t], n) if self._degraded else None
+        return _decision(result, (scope,))
+
+    async def acquire(
+        self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0
+    ) -> Decision:
+        """Check and charge one request: one scope, its limits and a token estimate.
+
+        Waits on Redis only for a cold scope or the last stretch before a limit, and then at
+        most `redis_timeout`.
+        """
+        decision = self.try_acquire(scope, rpm=rpm, tpm=tpm, tokens=tokens)
+        if decision is not None:
+            return decision
+        return await self._acquire_slow(
+            [scope], [_validate.limit(rpm, "rpm")], [_validate.limit(tpm, "tpm")], tokens
+        )
+
+    def try_acquire_many(self, limits: Sequence[Limit], *, tokens: int = 0) -> Decision | None:
+        """`try_acquire` over several scopes: all are charged or none."""
+        scopes, rpms, tpms = _unpack(limits)
+        n = _validate.tokens(tokens)
+        result = self._table.check(
+            scopes, rpms, tpms, n, self._now(), self._window, self._proxies, offline=self._offline
+        )
+        if result[0] > _DENIED:
+            return self._fallback(scopes, rpms, tpms, n) if self._degraded else None
+        return _decision(result, scopes)
+
+    async def acquire_many(self, limits: Sequence[Limit], *, tokens: int = 0) -> Decision:
+        """`acquire` over several scopes (key, user, team, model): all are charged or none."""
+        decision = self.try_acquire_many(limits, tokens=tokens)
+        if decision is not None:
+            return decision
+        scopes, rpms, tpms = _unpack(limits)
+        return await self._acquire_slow(scopes, rpms, tpms, tokens)
+
+    def record(self, scope: str, *, tokens: int) -> None:
+        """Correct a scope's token charge after the call: actual minus estimate, signed."""
+        scope = _validate.scope(scope)
+        n = _validate.tokens(tokens, signed=True)
+        if n and not self._table.record(scope, n, self._now(), self._window):
+            # The scope is not tracked (its window ended, or the table is full of unsynced
+            # scopes); a correction to an ended window must not reach the next one.
+            self._counts["dropped_corrections"] += 1
+
+    async def sync(self) -> None:
+        """Push pending deltas and read the fleet totals back now, without waiting for the task."""
+        await self._sync_once()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for dashboards; names no scope, key or password."""
+        table = self._table.stats()
+        backend = self._backend
+        return {
+            **table,
+            **self._counts,
+            "redis_round_trips": backend.round_trips if backend else 0,
+            "redis_commands": backend.commands if backend else 0,
+            "degraded": self._degraded,
+            "proxies": self._proxies,
+        }
+
+    # Internals
+
+    @property
+    def _offline(self) -> bool:
+        return self._backend is None
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        return time.time() + self._offset
+
+    async def _acquire_slow(
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+    ) -> Decision:
+        """Answer a request that needs Redis: read cold scopes, then check exactly if needed."""
+        for _ in range(2):
+            result = self._table.check(
+                scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies
+            )
+            if result[0] <= _DENIED:
+                return _decision(result, scopes)
+            if self._degraded:
+                return self._fallback(scopes, rpms, tpms, tokens)
+            if result[0] != _LOAD:
+                break
+            try:
+                await self._load(scopes)
+            except _Errors as exc:
+                self._redis_failed(exc)
+                return self._fallback(scopes, rpms, tpms, tokens)
+
+        return await self._exact(scopes, rpms, tpms, tokens)
+
+    async def _load(self, scopes: list[str]) -> None:
+        """Read scopes from Redis; concurrent requests for one scope share one read."""
+        assert self._backend is not None
+        waiting = [self._loading[s] for s in scopes if s in self._loading]
+        fresh = [s for s in dict.fromkeys(scopes) if s not in self._loading]
+        if fresh:
+            future = asyncio.get_running_loop().create_future()
+            for s in fresh:
+                self._loading[s] = future
+            try:
+                started = time.time()
+                replies = await asyncio.wait_for(
+                    self._backend.read(fresh, batch_size=self._batch), self._timeout
+                )
+                self._counts["loads"] += 1
+                self._apply(replies, started)
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                # Every waiter re-raises; mark the exception retrieved for the case of none.
+                future.exception()
+                raise
+            finally:
+                for s in fresh:
+                    self._loading.pop(s, None)
+        for other in waiting:
+            await asyncio.shield(other)
+
+    async def _exact(
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+    ) -> Decision:
+        """Check and charge atomically in Redis, pushing these scopes' pending deltas first."""
+        assert self._backend is not None
+        taken = [self._table.take(s) for s in scopes]
+        calls = [
+            Call(s, r, t, *(d if d is not None else (0, 0, 0)))
+            for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
+        ]
+        started = time.time()
+        try:
+            reply = await asyncio.wait_for(self._backend.acquire(calls, tokens), self._timeout)
+        except _Errors as exc:
+            self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
+            self._redis_failed(exc)
+            return self._fallback(scopes, rpms, tpms, tokens)
+
+        self._counts["exact_checks"] += 1
+        self._apply([reply], started)
+        return _exact_decision(reply, scopes, rpms, tpms, self._window)
+
+    def _fallback(
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+    ) -> Decision:
+        """Answer by the outage policy while Redis is unreachable."""
+        self._counts["fallback_decisions"] += 1
+        if self._policy == "allow":
+            return Decision(True, None, 0.0)
+        if self._policy == "deny":
+            return Decision(False, None, self._interval, scope=scopes[0])
+        result = self._table.check(
+            scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies, offline=True
+        )
+        return _decision(result, scopes)
+
+    def _apply(self, replies: list[Reply], started: float) -> None:
+        now = self._note_redis_time(replies, started)
+        for reply in replies:
+            for t in reply.totals:
+                if t.window_start and not self._table.apply(
+                    t.scope, t.window_start, t.requests, t.tokens, now, self._window
+                ):
+                    logger.debug("table full of unsynced scopes; a scope stays untracked")
+
+    def _note_redis_time(self, replies: list[Reply], started: float) -> float:
+        if self._clock is None and replies:
+            self._offset = replies[-1].redis_now - (started + time.time()) / 2
+        return self._now()
+
+    def _restore(self, deltas: Sequence[Delta]) -> None:
+        now = self._now()
+        for scope, window_start, requests, tokens in deltas:
+            if not self._table.restore(scope, window_start, requests, tokens, now, self._window):
+                self._counts["dropped_deltas"] += 1
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        self._counts["redis_errors"] += 1
+        kind = type(exc).__name__
+        if not self._degraded or kind not in self._error_kinds:
+            self._error_kinds.add(kind)
+            logger.warning(
+                "Redis at %s unreachable (%s); serving by the %r policy until a sync succeeds",
+                self._url,
+                kind,
+                self._policy,
+            )
+        self._degraded = True
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self._sync_once()
+
+    async def _sync_once(self, *, leaving: bool = False) -> None:
+        """Push every pending delta, read the fleet totals back, and beat the heart."""
+        async with self._sync_lock:
+            await self._sync_locked(leaving)
+
+    async def _sync_locked(self, leaving: bool) -> None:
+        backend = self._backend
+        if backend is None:
+            return
+
+        deltas = self._table.drain()
+        calls = [Call(s, 0, 0, ws, r, t) for s, ws, r, t in deltas]
+        started = time.time()
+        try:
+            replies, proxies = await asyncio.wait_for(
+                backend.sync(
+                    calls,
+                    batch_size=self._batch,
+                    proxy_id=self._proxy_id,
+                    heartbeat_ttl=max(5 * self._interval, 2.0),
+                    leaving=leaving,
+                ),
+                max(self._timeout, self._interval),
+            )
+        except _Errors as exc:
+            self._restore(deltas)
+            self._redis_failed(exc)
+            return
+
+        if self._degraded:
+            logger.warning("Redis at %s reachable again; syncing normally", self._url)
+            self._degraded = False
+            self._error_kinds.clear()
+        self._proxies = max(1, proxies)
+        self._apply(replies, started)
+        self._counts["syncs"] += 1
+        self._table.evict(self._now(), self._window, _EVICT_BUDGET)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logger.error("the tiered_limiter sync task died", exc_info=exc)
+
+
+def _unpack(limits: Sequence[Limit]) -> tuple[list[str], list[int], list[int]]:
+    if not limits:
+        raise _validate.InvalidArgumentError("limits must name at least one scope, got none")
+    scopes: list[str] = []
+    rpms: list[int] = []
+    tpms: list[int] = []
+    for i, item in enumerate(limits):
+        if not isinstance(item, Limit):
+            raise InvalidTypeError(f"limits[{i}] must be a Limit, got {type(item).__name__}")
+        scopes.append(_validate.scope(item.scope, f"limits[{i}].scope"))
+        rpms.append(_validate.limit(item.rpm, f"limits[{i}].rpm"))
+        tpms.append(_validate.limit(item.tpm, f"limits[{i}].tpm"))
+    return scopes, rpms, tpms
+
+
+def _decision(result: tuple[int, int, int, int, float], scopes: Sequence[str]) -> Decision:
+    outcome, index, rem_requests, rem_tokens, retry_after = result
+    return Decision(
+        outcome == _ADMITTED,
+        None if rem_requests < 0 else rem_requests,
+        retry_after,
+        None if rem_tokens < 0 else rem_tokens,
+        scopes[index] if index >= 0 else None,
+    )
+
+
+def _exact_decision(
+    reply: Reply, scopes: list[str], rpms: list[int], tpms: list[int], window: int
+) -> Decision:
+    """A decision from the exact script's totals, which already include this request."""
+    rem_r = [r - t.requests for r, t in zip(rpms, reply.totals, strict=True) if r]
+    rem_t = [tp - t.tokens for tp, t in zip(tpms, reply.totals, strict=True) if tp]
+    remaining = max(0, min(rem_r)) if rem_r else None
+    remaining_tokens = max(0, min(rem_t)) if rem_t else None
+    if reply.allowed:
+        return Decision(True, remaining, 0.0, remaining_tokens)
+
+    index = reply.denied_index
+    denied = reply.totals[index] if 0 <= index < len(reply.totals) else reply.totals[0]
+    retry_after = max(0.0, denied.window_start + window - reply.redis_now)
+    return Decision(False, remaining, retry_after, remaining_tokens, scopes[max(index, 0)])

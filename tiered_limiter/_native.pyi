@@ -1,0 +1,132 @@
+"""The hot tier: a table of per-scope counters, written in Rust.
+
+Every method is safe to call from several threads. None of them does I/O or waits; the sync
+task in Python moves deltas between this table and Redis.
+
+A scope is tracked by a keyed 64-bit hash of its name (the key is random per process), so the
+table holds no scope names for idle scopes. A scope that took a charge since the last drain is
+*active*: it keeps a reference to its name so that `drain` can say which Redis keys to push.
+
+Times are seconds on Redis's clock (`now` is the caller's estimate of it); window starts are
+whole seconds, as LiteLLM writes them.
+"""
+
+from collections.abc import Sequence
+from typing import Final
+
+ADMITTED: Final[int]
+"""Outcome: admitted from local state and charged to every scope."""
+DENIED: Final[int]
+"""Outcome: a scope is over its limit by what this process already knows; nothing charged."""
+LOAD: Final[int]
+"""Outcome: a scope is unknown, its window has ended, or its state is stale; read it from Redis."""
+EXACT: Final[int]
+"""Outcome: a scope is near its limit or this process spent its share; ask Redis atomically."""
+
+class Table:
+    """Per-scope window start, fleet totals and local pending deltas, for requests and tokens.
+
+    Args:
+        max_scopes: The most scopes tracked at once. Past it, inserting a scope evicts an
+            idle, synced scope; when every tracked scope has unsynced deltas, the new scope is
+            not tracked (`apply` returns False) and its checks keep going to Redis.
+        shards: How many independently locked parts the table has (a power of two).
+
+    Raises:
+        ValueError: `max_scopes` is 0 or above 2**31, or `shards` is not a power of two
+            between 1 and 1024.
+    """
+
+    def __init__(self, max_scopes: int, shards: int = 64) -> None: ...
+    def check(
+        self,
+        scopes: Sequence[str],
+        rpm: Sequence[int],
+        tpm: Sequence[int],
+        tokens: int,
+        now: float,
+        window: int,
+        proxies: int,
+    ) -> tuple[int, int, int, int, float]:
+        """Check one request against every scope and, if all admit it, charge every scope.
+
+        Each scope is charged one request and `tokens` tokens, or nothing at all.
+
+        Args:
+            scopes: Scope names, `descriptor_key:descriptor_value`.
+            rpm: The request limit of each scope; 0 means no request limit.
+            tpm: The token limit of each scope; 0 means no token limit.
+            tokens: The token estimate to charge (0 or more). With 0, a token limit only
+                requires the scope to be below it.
+            now: The current time on Redis's clock, in seconds.
+            window: The window length in seconds.
+            proxies: How many proxies share the limits (1 or more); each may spend only its
+                share of what remained at the last sync before it must ask Redis.
+
+        Returns:
+            `(outcome, index, remaining_requests, remaining_tokens, retry_after)`: `index` is the
+            scope that decided a non-admitted outcome (-1 when admitted); the remainders are the
+            smallest over the scopes with such a limit after this charge (-1 when no scope has
+            one); `retry_after` is seconds until the denying scope's window ends (0 otherwise).
+        """
+
+    def check_one(
+        self, scope: str, rpm: int, tpm: int, tokens: int, now: float, window: int, proxies: int
+    ) -> tuple[int, int, int, int, float]:
+        """`check` for a single scope, without building sequences."""
+
+    def record(self, scope: str, tokens: int, now: float, window: int) -> bool:
+        """Add a signed token correction to a scope's pending delta.
+
+        Returns:
+            False when the scope is not tracked or its window has ended; the caller then sends
+            the correction to Redis itself, or drops it when the window has ended.
+        """
+
+    def drain(self) -> list[tuple[str, int, int, int]]:
+        """Take every pending delta, leaving zero behind.
+
+        Scopes that took no charge since the previous drain stop being active.
+
+        Returns:
+            `(scope, window_start, requests, tokens)` for each scope with a non-zero delta.
+        """
+
+    def take(self, scope: str) -> tuple[int, int, int] | None:
+        """Take one scope's pending delta, as `(window_start, requests, tokens)`, or None."""
+
+    def restore(
+        self, scope: str, window_start: int, requests: int, tokens: int, now: float, window: int
+    ) -> bool:
+        """Give back a delta that could not be pushed.
+
+        Returns:
+            False when the delta was dropped: its window has ended or the scope is gone.
+        """
+
+    def apply(
+        self, scope: str, window_start: int, requests: int, tokens: int, now: float, window: int
+    ) -> bool:
+        """Set a scope's fleet totals as Redis returned them, inserting the scope if needed.
+
+        A newer window start than the table's resets the scope and drops the pending deltas
+        of the ended window. The fleet's increase since the previous apply is kept as the
+        scope's rate, which decides when the scope is near its limit. The scope counts as fresh
+        until it has been idle for a whole drain interval.
+
+        Returns:
+            False when the scope could not be tracked (the table is full of unsynced scopes).
+        """
+
+    def evict(self, now: float, window: int, budget: int) -> int:
+        """Evict up to `budget` idle scopes whose window ended; returns how many it evicted."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters: `scopes`, `active`, `memory_bytes`, `evictions`, `rejected`, `pending`.
+
+        `memory_bytes` is what the table itself allocated (index, entries, active records),
+        `rejected` counts scopes that could not be tracked, `pending` the scopes with a
+        non-zero pending delta.
+        """
+
+    def __len__(self) -> int: ...

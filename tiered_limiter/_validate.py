@@ -1,0 +1,72 @@
+"""Checks of caller input, each raising before any counter changes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._errors import InvalidArgumentError, InvalidTypeError
+
+MAX_SCOPE_BYTES = 1024
+MAX_COUNT = 2**32 - 1
+
+
+def scope(value: object, name: str = "scope") -> str:
+    """Return `value` if it is a usable scope name, else raise naming it."""
+    if type(value) is not str:
+        raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__} {value!r:.80}")
+    if not value:
+        raise InvalidArgumentError(f"{name} must not be empty")
+    # A str of at most 256 characters is at most 1 KiB in UTF-8, so most scopes skip encoding.
+    if len(value) > MAX_SCOPE_BYTES // 4 and len(value.encode()) > MAX_SCOPE_BYTES:
+        raise InvalidArgumentError(
+            f"{name} must be at most {MAX_SCOPE_BYTES} bytes in UTF-8, got "
+            f"{len(value.encode())} bytes starting {value[:40]!r}"
+        )
+    return value
+
+
+def limit(value: object, name: str) -> int:
+    """Return a limit as an int, 0 for None (no limit); raise for anything unusable."""
+    if value is None:
+        return 0
+    if type(value) is not int:
+        raise InvalidTypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    if not 0 < value <= MAX_COUNT:
+        raise InvalidArgumentError(f"{name} must be between 1 and {MAX_COUNT}, got {value}")
+    return value
+
+
+def tokens(value: object, name: str = "tokens", *, signed: bool = False) -> int:
+    """Return a token count; negative only when `signed` (a correction after the call)."""
+    if type(value) is not int:
+        raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    low = -MAX_COUNT if signed else 0
+    if not low <= value <= MAX_COUNT:
+        raise InvalidArgumentError(f"{name} must be between {low} and {MAX_COUNT}, got {value}")
+    return value
+
+
+def positive_seconds(value: object, name: str) -> float:
+    """Return a finite, positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive, finite number of seconds, got {value}")
+    return float(value)
+
+
+def positive_int(value: object, name: str, *, maximum: int = MAX_COUNT) -> int:
+    """Return a whole number between 1 and `maximum`."""
+    if type(value) is not int:
+        raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 < value <= maximum:
+        raise InvalidArgumentError(f"{name} must be between 1 and {maximum}, got {value}")
+    return value
+
+
+def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
+    """Return `value` if it is one of `options`."""
+    if value not in options:
+        raise InvalidArgumentError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+    return str(value)
