@@ -37,7 +37,7 @@ redis-server:
 	fi
 
 demo: .stamp-build redis-server
-	$(BIN)/python -m tiered_limiter.demo
+	$(BIN)/python -m tiered_limiter._demo
 
 lint: .stamp-build
 	$(BIN)/ruff check tiered_limiter tests bench

@@ -16,11 +16,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     client = redis_server.client()
     client.flushall()
     client.close()
-    yield redis_server.url
+    return redis_server.url
 
 
 class FakeClock:

@@ -38,7 +38,9 @@ def test_processes_sharing_one_redis_admit_exactly_the_limit(redis_url: str, pro
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(procs)
     results: mp.Queue[int] = ctx.Queue()  # type: ignore[type-arg]
-    workers = [ctx.Process(target=_proxy, args=(redis_url, procs, ready, results)) for _ in range(procs)]
+    workers = [
+        ctx.Process(target=_proxy, args=(redis_url, procs, ready, results)) for _ in range(procs)
+    ]
     for w in workers:
         w.start()
     admitted = [results.get(timeout=60) for _ in workers]

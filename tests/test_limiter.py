@@ -149,9 +149,7 @@ async def test_denial_of_one_scope_charges_no_scope(redis_url: str, clock: FakeC
     assert counts(redis_url, team)[1] == 1
 
 
-async def test_token_estimate_is_corrected_after_the_call(
-    redis_url: str, clock: FakeClock
-) -> None:
+async def test_token_estimate_is_corrected_after_the_call(redis_url: str, clock: FakeClock) -> None:
     async with limiter(redis_url, clock) as lim:
         assert (await lim.acquire(KEY, tpm=1000, tokens=300)).allowed
         lim.record(KEY, tokens=-120)
@@ -201,7 +199,7 @@ async def test_new_window_starts_from_redis_not_the_local_clock(
 
 async def test_keys_carry_the_namespace(redis_url: str, clock: FakeClock) -> None:
     async with limiter(redis_url, clock, namespace="ns1") as lim:
-        await lim.acquire(KEY, rpm=10)
+        await lim.acquire(KEY, rpm=10, tokens=5)
         await lim.sync()
     r = redis_sync.Redis.from_url(redis_url, decode_responses=True)
     keys = sorted(k for k in r.scan_iter() if "proxies" not in k)
@@ -233,7 +231,7 @@ async def test_unreachable_redis_at_start_raises_without_password(clock: FakeClo
     with pytest.raises(RedisUnavailableError) as err:
         await lim.start()
     assert "hunter2" not in str(err.value)
-    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in str(err.value)
+    assert "redis://127.0.0.1:" in str(err.value)
 
 
 async def test_clean_stop_flushes_every_delta(redis_url: str, clock: FakeClock) -> None:

@@ -54,8 +54,12 @@ class Model:
 
 limit_st = st.one_of(st.none(), st.integers(1, 6))
 request_st = st.tuples(
-    st.lists(st.tuples(st.sampled_from(SCOPES), limit_st, st.one_of(st.none(), st.integers(1, 40))),
-             min_size=1, max_size=3, unique_by=lambda t: t[0]),
+    st.lists(
+        st.tuples(st.sampled_from(SCOPES), limit_st, st.one_of(st.none(), st.integers(1, 40))),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
     st.integers(0, 15),
 )
 op_st = st.one_of(
@@ -84,6 +88,10 @@ async def _run(ops: list[tuple[str, object]]) -> None:
                 model.record(clock.now, scope, tokens)
             else:
                 limits, tokens = arg  # type: ignore[misc]
-                expected = model.acquire(clock.now, [(s, r or 0, t or 0) for s, r, t in limits], tokens)
-                decision = await lim.acquire_many([Limit(s, r, t) for s, r, t in limits], tokens=tokens)
+                expected = model.acquire(
+                    clock.now, [(s, r or 0, t or 0) for s, r, t in limits], tokens
+                )
+                decision = await lim.acquire_many(
+                    [Limit(s, r, t) for s, r, t in limits], tokens=tokens
+                )
                 assert decision.allowed == expected, (limits, tokens, model.windows)

@@ -111,8 +111,7 @@ class TieredLimiter:
         self._interval = _validate.positive_seconds(sync_interval, "sync_interval")
         if self._interval >= self._window:
             raise _validate.InvalidArgumentError(
-                f"sync_interval must be shorter than window ({self._window} s), "
-                f"got {sync_interval}"
+                f"sync_interval must be shorter than window ({self._window} s), got {sync_interval}"
             )
         self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
         self._policy = _validate.choice(on_redis_down, "on_redis_down", _POLICIES)
@@ -317,27 +316,29 @@ class TieredLimiter:
         self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
     ) -> Decision:
         """Answer a request that needs Redis: read cold scopes, then check exactly if needed."""
+        backend = self._backend
         for _ in range(2):
             result = self._table.check(
                 scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies
             )
             if result[0] <= _DENIED:
                 return _decision(result, scopes)
-            if self._degraded:
+            if self._degraded or backend is None:
                 return self._fallback(scopes, rpms, tpms, tokens)
             if result[0] != _LOAD:
                 break
             try:
-                await self._load(scopes)
+                await self._load(backend, scopes)
             except _Errors as exc:
                 self._redis_failed(exc)
                 return self._fallback(scopes, rpms, tpms, tokens)
 
-        return await self._exact(scopes, rpms, tpms, tokens)
+        if backend is None:
+            return self._fallback(scopes, rpms, tpms, tokens)
+        return await self._exact(backend, scopes, rpms, tpms, tokens)
 
-    async def _load(self, scopes: list[str]) -> None:
+    async def _load(self, backend: RedisBackend, scopes: list[str]) -> None:
         """Read scopes from Redis; concurrent requests for one scope share one read."""
-        assert self._backend is not None
         waiting = [self._loading[s] for s in scopes if s in self._loading]
         fresh = [s for s in dict.fromkeys(scopes) if s not in self._loading]
         if fresh:
@@ -347,7 +348,7 @@ class TieredLimiter:
             try:
                 started = time.time()
                 replies = await asyncio.wait_for(
-                    self._backend.read(fresh, batch_size=self._batch), self._timeout
+                    backend.read(fresh, batch_size=self._batch), self._timeout
                 )
                 self._counts["loads"] += 1
                 self._apply(replies, started)
@@ -364,10 +365,14 @@ class TieredLimiter:
             await asyncio.shield(other)
 
     async def _exact(
-        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+        self,
+        backend: RedisBackend,
+        scopes: list[str],
+        rpms: list[int],
+        tpms: list[int],
+        tokens: int,
     ) -> Decision:
         """Check and charge atomically in Redis, pushing these scopes' pending deltas first."""
-        assert self._backend is not None
         taken = [self._table.take(s) for s in scopes]
         calls = [
             Call(s, r, t, *(d if d is not None else (0, 0, 0)))
@@ -375,7 +380,7 @@ class TieredLimiter:
         ]
         started = time.time()
         try:
-            reply = await asyncio.wait_for(self._backend.acquire(calls, tokens), self._timeout)
+            reply = await asyncio.wait_for(backend.acquire(calls, tokens), self._timeout)
         except _Errors as exc:
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
             self._redis_failed(exc)

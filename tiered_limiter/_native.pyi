@@ -12,7 +12,11 @@ whole seconds, as LiteLLM writes them.
 """
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, final
+
+from typing_extensions import Self
+
+__all__ = ["ADMITTED", "DENIED", "EXACT", "LOAD", "Table"]
 
 ADMITTED: Final[int]
 """Outcome: admitted from local state and charged to every scope."""
@@ -23,6 +27,7 @@ LOAD: Final[int]
 EXACT: Final[int]
 """Outcome: a scope is near its limit or this process spent its share; ask Redis atomically."""
 
+@final
 class Table:
     """Per-scope window start, fleet totals and local pending deltas, for requests and tokens.
 
@@ -37,7 +42,7 @@ class Table:
             between 1 and 1024.
     """
 
-    def __init__(self, max_scopes: int, shards: int = 64) -> None: ...
+    def __new__(cls, max_scopes: int, shards: int = 64) -> Self: ...
     def check(
         self,
         scopes: Sequence[str],
@@ -47,6 +52,8 @@ class Table:
         now: float,
         window: int,
         proxies: int,
+        *,
+        offline: bool = False,
     ) -> tuple[int, int, int, int, float]:
         """Check one request against every scope and, if all admit it, charge every scope.
 
@@ -62,16 +69,32 @@ class Table:
             window: The window length in seconds.
             proxies: How many proxies share the limits (1 or more); each may spend only its
                 share of what remained at the last sync before it must ask Redis.
+            offline: Redis is unreachable: never return `LOAD` or `EXACT`. A scope that is not
+                tracked or whose window ended starts a local window at `floor(now)` with zero
+                fleet totals; staleness and nearness are ignored; spending more than this
+                proxy's share of what remained is `DENIED` until the window ends. A scope that
+                cannot be tracked (the table is full of unsynced scopes) is `DENIED` with
+                `retry_after` 1.0.
 
         Returns:
             `(outcome, index, remaining_requests, remaining_tokens, retry_after)`: `index` is the
             scope that decided a non-admitted outcome (-1 when admitted); the remainders are the
             smallest over the scopes with such a limit after this charge (-1 when no scope has
-            one); `retry_after` is seconds until the denying scope's window ends (0 otherwise).
+            one, and both -1 when not admitted); `retry_after` is seconds until the denying
+            scope's window ends (0 otherwise).
         """
 
     def check_one(
-        self, scope: str, rpm: int, tpm: int, tokens: int, now: float, window: int, proxies: int
+        self,
+        scope: str,
+        rpm: int,
+        tpm: int,
+        tokens: int,
+        now: float,
+        window: int,
+        proxies: int,
+        *,
+        offline: bool = False,
     ) -> tuple[int, int, int, int, float]:
         """`check` for a single scope, without building sequences."""
 

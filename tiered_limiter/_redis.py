@@ -126,7 +126,9 @@ class RedisBackend:
             groups.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
         return groups
 
-    def _args(self, calls: Sequence[Call], *, check: bool, tokens: int) -> tuple[list[str], list[Any]]:
+    def _args(
+        self, calls: Sequence[Call], *, check: bool, tokens: int
+    ) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [self._window, self._now_arg(), 1 if check else 0, tokens]
         for call in calls:
@@ -163,6 +165,15 @@ class RedisBackend:
         return results
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
+        if self.cluster:
+            # redis-py's cluster pipeline refuses EVALSHA; concurrent calls reach each slot's
+            # node in parallel instead, one request per batch.
+            calls = [self.client.evalsha(self._shas[n], len(k), *k, *a) for n, k, a in commands]
+            gathered: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
+            self.round_trips += len(commands)
+            self.commands += len(commands)
+            return gathered
+
         async with self.client.pipeline(transaction=False) as pipe:
             for name, keys, args in commands:
                 pipe.evalsha(self._shas[name], len(keys), *keys, *args)
@@ -186,7 +197,9 @@ class RedisBackend:
             The replies of every batch and the number of live proxies.
         """
         groups = self._groups(calls, batch_size)
-        commands: list[Command] = [("limiter", *self._args(g, check=False, tokens=0)) for g in groups]
+        commands: list[Command] = [
+            ("limiter", *self._args(g, check=False, tokens=0)) for g in groups
+        ]
         commands.append(
             (
                 "heartbeat",
@@ -201,7 +214,9 @@ class RedisBackend:
     async def read(self, scopes: Sequence[str], *, batch_size: int) -> list[Reply]:
         """Read cold scopes, opening a window where none is open, in one round trip."""
         groups = self._groups([Call(scope) for scope in scopes], batch_size)
-        results = await self._run([("limiter", *self._args(g, check=False, tokens=0)) for g in groups])
+        results = await self._run(
+            [("limiter", *self._args(g, check=False, tokens=0)) for g in groups]
+        )
         return [self._parse(group, raw) for group, raw in zip(groups, results, strict=True)]
 
     async def acquire(self, calls: Sequence[Call], tokens: int) -> Reply:

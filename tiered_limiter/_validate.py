@@ -31,7 +31,9 @@ def limit(value: object, name: str) -> int:
     if value is None:
         return 0
     if type(value) is not int:
-        raise InvalidTypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+        raise InvalidTypeError(
+            f"{name} must be an int or None, got {type(value).__name__} {value!r}"
+        )
     if not 0 < value <= MAX_COUNT:
         raise InvalidArgumentError(f"{name} must be between 1 and {MAX_COUNT}, got {value}")
     return value
@@ -52,7 +54,9 @@ def positive_seconds(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
-        raise InvalidArgumentError(f"{name} must be a positive, finite number of seconds, got {value}")
+        raise InvalidArgumentError(
+            f"{name} must be a positive, finite number of seconds, got {value}"
+        )
     return float(value)
 
 

@@ -40,7 +40,13 @@ local function counter(key)
 end
 
 -- Requests are integers (LiteLLM INCRs them); tokens are INCRBYFLOAT'd, as LiteLLM does.
-local function charge(key, amount, expire_at, float)
+-- Seconds from now to `ends`, at least 1: TTLs are relative to the script's clock, which is
+-- Redis's own unless the caller passed one.
+local function ttl_until(ends)
+  return math.max(1, math.ceil(ends - now))
+end
+
+local function charge(key, amount, ends, float)
   if amount == 0 then
     return
   end
@@ -55,7 +61,7 @@ local function charge(key, amount, expire_at, float)
     redis.call('SET', key, 0, 'KEEPTTL')
   end
   if redis.call('TTL', key) < 0 then
-    redis.call('EXPIREAT', key, expire_at)
+    redis.call('EXPIRE', key, ttl_until(ends))
   end
 end
 
@@ -79,7 +85,7 @@ for i = 1, n do
     else
       ws = now_s
     end
-    redis.call('SET', kw, ws, 'EXAT', ws + window)
+    redis.call('SET', kw, ws, 'EX', ttl_until(ws + window))
     redis.call('DEL', kr, kt)
   end
   if ws then
