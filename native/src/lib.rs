@@ -1,0 +1,419 @@
+//! `tiered_limiter._native`: the Python bindings of the counter table in [`table`].
+//!
+//! Every argument is validated here, before the table sees it, and a bad one raises
+//! `ValueError` or `TypeError` naming the argument and the value. Method bodies also run
+//! under `catch_unwind`, so that a panic (which the table is written never to raise) reaches
+//! Python as a `RuntimeError` rather than a `PanicException`, which `except Exception` misses.
+//! No Python code runs while a shard lock is held: arguments are converted before the call
+//! into the table and results after it.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod table;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::{PyOSError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use smallvec::SmallVec;
+
+use crate::table::{ConfigError, Decision, Request, ScopeLimit, Table, MAX_SCOPES};
+
+/// The five values `check` returns to Python.
+type CheckResult = (i32, i64, i64, i64, f64);
+
+/// Runs a method body, turning a panic into a `RuntimeError`.
+fn guarded<T>(method: &str, body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(PyRuntimeError::new_err(format!(
+            "internal error in Table.{method}: {detail}"
+        )))
+    })
+}
+
+/// An int argument within `[lo, hi]`; `what` completes "`name` must be ...".
+fn int_arg(obj: &Bound<'_, PyAny>, name: &str, lo: i64, hi: i64, what: &str) -> PyResult<i64> {
+    let bad = || {
+        let shown = obj
+            .repr()
+            .map_or_else(|_| "?".to_owned(), |r| r.to_string());
+        PyValueError::new_err(format!("{name} must be {what}, got {shown}"))
+    };
+    if obj.is_instance_of::<pyo3::types::PyFloat>() || obj.is_instance_of::<PyString>() {
+        return Err(type_error(obj, name, "an int"));
+    }
+
+    match obj.extract::<i64>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        Ok(_) => Err(bad()),
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => Err(bad()),
+        Err(_) => Err(type_error(obj, name, "an int")),
+    }
+}
+
+fn type_error(obj: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyErr {
+    let got = obj
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+    PyTypeError::new_err(format!("{name} must be {expected}, got {got}"))
+}
+
+fn u32_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u32> {
+    let v = int_arg(
+        obj,
+        name,
+        0,
+        i64::from(u32::MAX),
+        "a whole number between 0 and 4294967295",
+    )?;
+    Ok(u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+fn i64_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    int_arg(
+        obj,
+        name,
+        i64::MIN,
+        i64::MAX,
+        "a whole number that fits in a signed 64-bit integer",
+    )
+}
+
+fn window_arg(obj: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let v = int_arg(
+        obj,
+        "window",
+        1,
+        i64::from(u32::MAX),
+        "a positive whole number of seconds",
+    )?;
+    Ok(u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+fn now_arg(obj: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if obj.is_instance_of::<PyString>() {
+        return Err(type_error(obj, "now", "a number of seconds"));
+    }
+
+    let now: f64 = obj
+        .extract()
+        .map_err(|_| type_error(obj, "now", "a number of seconds"))?;
+    if !(now.is_finite() && (0.0..=f64::from(u32::MAX)).contains(&now)) {
+        return Err(PyValueError::new_err(format!(
+            "now must be a finite number of seconds between 0 and 4294967295, got {now}"
+        )));
+    }
+    Ok(now)
+}
+
+fn str_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<PyBackedStr> {
+    if !obj.is_instance_of::<PyString>() {
+        return Err(type_error(obj, name, "a str"));
+    }
+
+    obj.extract::<PyBackedStr>()
+        .map_err(|e| PyValueError::new_err(format!("{name} must be valid text: {e}")))
+}
+
+/// Items of a list or tuple argument (any other sequence is copied into a list first).
+fn seq_arg<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyList>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        return Ok(list.clone());
+    }
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(type_error(obj, name, "a sequence"));
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return Ok(tuple.to_list());
+    }
+
+    let list = PyList::empty(obj.py());
+    for item in obj
+        .try_iter()
+        .map_err(|_| type_error(obj, name, "a sequence"))?
+    {
+        list.append(item?)?;
+    }
+    Ok(list)
+}
+
+fn decision_tuple(d: &Decision) -> CheckResult {
+    let index = d.index.map_or(-1, |i| i64::try_from(i).unwrap_or(i64::MAX));
+    (
+        d.outcome as i32,
+        index,
+        d.remaining_requests,
+        d.remaining_tokens,
+        d.retry_after,
+    )
+}
+
+fn config_error(e: &ConfigError) -> PyErr {
+    match e {
+        ConfigError::Random(_) => PyOSError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// Per-scope window start, fleet totals and local pending deltas (see the stub for docs).
+#[pyclass(frozen, module = "tiered_limiter._native", name = "Table")]
+struct PyTable {
+    inner: Table,
+}
+
+#[pymethods]
+impl PyTable {
+    #[new]
+    #[pyo3(signature = (max_scopes, shards = None), text_signature = "(max_scopes, shards=64)")]
+    fn new(max_scopes: &Bound<'_, PyAny>, shards: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        guarded("__new__", || {
+            let max_scopes = int_arg(
+                max_scopes,
+                "max_scopes",
+                1,
+                i64::try_from(MAX_SCOPES).unwrap_or(i64::MAX),
+                "between 1 and 2147483648",
+            )?;
+            let shards = match shards {
+                Some(obj) => int_arg(obj, "shards", 1, 1024, "a power of two between 1 and 1024")?,
+                None => 64,
+            };
+            let inner = Table::new(
+                u64::try_from(max_scopes).unwrap_or(0),
+                usize::try_from(shards).unwrap_or(0),
+            )
+            .map_err(|e| config_error(&e))?;
+            Ok(Self { inner })
+        })
+    }
+
+    #[pyo3(signature = (scopes, rpm, tpm, tokens, now, window, proxies, *, offline = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        scopes: &Bound<'_, PyAny>,
+        rpm: &Bound<'_, PyAny>,
+        tpm: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+        proxies: &Bound<'_, PyAny>,
+        offline: bool,
+    ) -> PyResult<CheckResult> {
+        guarded("check", || {
+            let names = seq_arg(scopes, "scopes")?;
+            let rpm = seq_arg(rpm, "rpm")?;
+            let tpm = seq_arg(tpm, "tpm")?;
+            let n = names.len();
+            for (arg, list) in [("rpm", &rpm), ("tpm", &tpm)] {
+                if list.len() != n {
+                    return Err(PyValueError::new_err(format!(
+                        "{arg} must have as many limits as there are scopes ({n}), got {}",
+                        list.len()
+                    )));
+                }
+            }
+
+            let req = request(tokens, now, window, proxies, offline)?;
+            let mut backed: SmallVec<[(PyBackedStr, u32, u32); 8]> = SmallVec::new();
+            for i in 0..n {
+                backed.push((
+                    str_arg(&names.get_item(i)?, &format!("scopes[{i}]"))?,
+                    u32_arg(&rpm.get_item(i)?, &format!("rpm[{i}]"))?,
+                    u32_arg(&tpm.get_item(i)?, &format!("tpm[{i}]"))?,
+                ));
+            }
+            let limits: SmallVec<[ScopeLimit<'_>; 8]> = backed
+                .iter()
+                .map(|(name, rpm, tpm)| ScopeLimit {
+                    name,
+                    rpm: *rpm,
+                    tpm: *tpm,
+                })
+                .collect();
+            Ok(decision_tuple(&self.inner.check(&limits, &req)))
+        })
+    }
+
+    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, *, offline = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn check_one(
+        &self,
+        scope: &Bound<'_, PyAny>,
+        rpm: &Bound<'_, PyAny>,
+        tpm: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+        proxies: &Bound<'_, PyAny>,
+        offline: bool,
+    ) -> PyResult<CheckResult> {
+        guarded("check_one", || {
+            let name = str_arg(scope, "scope")?;
+            let limit = ScopeLimit {
+                name: &name,
+                rpm: u32_arg(rpm, "rpm")?,
+                tpm: u32_arg(tpm, "tpm")?,
+            };
+            let req = request(tokens, now, window, proxies, offline)?;
+            Ok(decision_tuple(&self.inner.check(&[limit], &req)))
+        })
+    }
+
+    fn record(
+        &self,
+        scope: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        guarded("record", || {
+            let name = str_arg(scope, "scope")?;
+            let tokens = i64_arg(tokens, "tokens")?;
+            let now = now_arg(now)?;
+            let window = window_arg(window)?;
+            Ok(self.inner.record(&name, tokens, now, window))
+        })
+    }
+
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        guarded("drain", || {
+            let deltas = self.inner.drain();
+            PyList::new(
+                py,
+                deltas
+                    .iter()
+                    .map(|d| (&*d.scope, d.window_start, d.requests, d.tokens)),
+            )
+        })
+    }
+
+    fn take(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, i64, i64)>> {
+        guarded("take", || {
+            let name = str_arg(scope, "scope")?;
+            Ok(self.inner.take(&name))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        &self,
+        scope: &Bound<'_, PyAny>,
+        window_start: &Bound<'_, PyAny>,
+        requests: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        guarded("restore", || {
+            let name = str_arg(scope, "scope")?;
+            let window_start = u32_arg(window_start, "window_start")?;
+            let requests = i64_arg(requests, "requests")?;
+            let tokens = i64_arg(tokens, "tokens")?;
+            let now = now_arg(now)?;
+            let window = window_arg(window)?;
+            Ok(self
+                .inner
+                .restore(&name, window_start, requests, tokens, now, window))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        scope: &Bound<'_, PyAny>,
+        window_start: &Bound<'_, PyAny>,
+        requests: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        guarded("apply", || {
+            let name = str_arg(scope, "scope")?;
+            let window_start = u32_arg(window_start, "window_start")?;
+            let requests = u32_arg(requests, "requests")?;
+            let tokens = u32_arg(tokens, "tokens")?;
+            let now = now_arg(now)?;
+            let window = window_arg(window)?;
+            Ok(self
+                .inner
+                .apply(&name, window_start, requests, tokens, now, window))
+        })
+    }
+
+    fn evict(
+        &self,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+        budget: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        guarded("evict", || {
+            let now = now_arg(now)?;
+            let window = window_arg(window)?;
+            let budget = int_arg(budget, "budget", 0, i64::MAX, "a whole number of 0 or more")?;
+            Ok(self
+                .inner
+                .evict(now, window, usize::try_from(budget).unwrap_or(usize::MAX)))
+        })
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guarded("stats", || {
+            let s = self.inner.stats();
+            let dict = PyDict::new(py);
+            dict.set_item("scopes", s.scopes)?;
+            dict.set_item("active", s.active)?;
+            dict.set_item("memory_bytes", s.memory_bytes)?;
+            dict.set_item("evictions", s.evictions)?;
+            dict.set_item("rejected", s.rejected)?;
+            dict.set_item("pending", s.pending)?;
+            Ok(dict)
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+}
+
+fn request(
+    tokens: &Bound<'_, PyAny>,
+    now: &Bound<'_, PyAny>,
+    window: &Bound<'_, PyAny>,
+    proxies: &Bound<'_, PyAny>,
+    offline: bool,
+) -> PyResult<Request> {
+    let proxies = int_arg(
+        proxies,
+        "proxies",
+        1,
+        i64::from(u32::MAX),
+        "a whole number of 1 or more",
+    )?;
+    Ok(Request {
+        tokens: u32_arg(tokens, "tokens")?,
+        now: now_arg(now)?,
+        window: window_arg(window)?,
+        proxies: u32::try_from(proxies).unwrap_or(u32::MAX),
+        offline,
+    })
+}
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("ADMITTED", table::Outcome::Admitted as i32)?;
+    m.add("DENIED", table::Outcome::Denied as i32)?;
+    m.add("LOAD", table::Outcome::Load as i32)?;
+    m.add("EXACT", table::Outcome::Exact as i32)?;
+    m.add_class::<PyTable>()?;
+    Ok(())
+}
