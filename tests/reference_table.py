@@ -21,6 +21,8 @@ class Record:
     pend_tok: int = 0
     rate_req: int = 0
     rate_tok: int = 0
+    own_req: int = 0
+    own_tok: int = 0
     fresh: bool = False
     touched: bool = False
 
@@ -68,8 +70,14 @@ class ReferenceTable:
         verdicts = []
         for i, scope in enumerate(scopes):
             entry = self.entries.get(scope)
-            if offline and (entry is None or now >= entry.window_start + window):
+            if offline and entry is None:
                 entry = self.entries[scope] = Entry(math.floor(now))
+            elif offline and now >= entry.window_start + window:
+                # A local window, as while Redis is unreachable; the record's flags stay.
+                entry.window_start, entry.g_req, entry.g_tok = math.floor(now), 0, 0
+                if entry.record is not None:
+                    old = entry.record
+                    entry.record = Record(old.name, fresh=old.fresh, touched=old.touched)
             verdicts.append(
                 self._verdict(entry, rpm[i], tpm[i], tokens, now, window, proxies, offline)
             )
@@ -116,9 +124,11 @@ class ReferenceTable:
         stale = rec is None or not rec.fresh
         if not offline and stale and rec is not None and rec.pend_req != 0:
             return LOAD, 0.0
+        fleet_r = max(rec.rate_req, proxies * rec.own_req) if rec else 0
+        fleet_t = max(rec.rate_tok, proxies * rec.own_tok) if rec else 0
         for limit, g, pend, cost, rate in (
-            (rpm, entry.g_req, pend_r, 1, rec.rate_req if rec else 0),
-            (tpm, entry.g_tok, pend_t, tokens, rec.rate_tok if rec else 0),
+            (rpm, entry.g_req, pend_r, 1, fleet_r),
+            (tpm, entry.g_tok, pend_t, tokens, fleet_t),
         ):
             if not limit:
                 continue
@@ -139,19 +149,23 @@ class ReferenceTable:
             entry = self.entries[scope] = Entry(window_start)
             entry.g_req, entry.g_tok = requests, tokens
             entry.record = Record(scope)
-        elif window_start > entry.window_start:
-            entry.window_start, entry.g_req, entry.g_tok = window_start, requests, tokens
-            rec = entry.record or Record(scope)
-            rec.pend_req = rec.pend_tok = rec.rate_req = rec.rate_tok = 0
-            entry.record = rec
         elif window_start == entry.window_start:
             rec = entry.record or Record(scope)
             rec.rate_req = max(0, requests - entry.g_req)
             rec.rate_tok = max(0, tokens - entry.g_tok)
             entry.g_req, entry.g_tok = requests, tokens
             entry.record = rec
+        elif now >= window_start + window:
+            return True  # a reply about a window that has ended is stale
         else:
-            return True
+            # Redis's open window wins; pending deltas survive unless their window ended.
+            ended = now >= entry.window_start + window
+            entry.window_start, entry.g_req, entry.g_tok = window_start, requests, tokens
+            rec = entry.record or Record(scope)
+            rec.rate_req = rec.rate_tok = 0
+            if ended:
+                rec.pend_req = rec.pend_tok = rec.own_req = rec.own_tok = 0
+            entry.record = rec
         assert entry.record is not None
         entry.record.fresh = True
         return True
@@ -169,6 +183,7 @@ class ReferenceTable:
             rec = entry.record
             if rec is None:
                 continue
+            rec.own_req, rec.own_tok = max(rec.pend_req, 0), max(rec.pend_tok, 0)
             if rec.pend_req or rec.pend_tok:
                 out.append((scope, entry.window_start, rec.pend_req, rec.pend_tok))
             elif not rec.touched:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import time
+import traceback
 
 import pytest
 
@@ -29,7 +30,11 @@ def _proxy(url: str, procs: int, ready: mp.Barrier, results: mp.Queue) -> None: 
                 admitted += (await lim.acquire(SCOPE, rpm=LIMIT)).allowed
             return admitted
 
-    results.put(asyncio.run(main()))
+    try:
+        results.put(asyncio.run(main()))
+    except BaseException:
+        results.put(traceback.format_exc())
+        raise
 
 
 @pytest.mark.slow
@@ -44,6 +49,8 @@ def test_processes_sharing_one_redis_admit_exactly_the_limit(redis_url: str, pro
     for w in workers:
         w.start()
     admitted = [results.get(timeout=60) for _ in workers]
+    errors = [a for a in admitted if isinstance(a, str)]
+    assert not errors, errors[0]
     for w in workers:
         w.join(timeout=30)
         assert w.exitcode == 0

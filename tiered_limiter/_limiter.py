@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from . import _native, _validate
 from ._errors import InvalidTypeError, RedisUnavailableError
@@ -32,6 +32,8 @@ _POLICIES = ("local", "allow", "deny")
 # a call well under a millisecond of Redis time.
 _DEFAULT_BATCH = 500
 _EVICT_BUDGET = 4096
+# Batches per sync round trip: about 2,000 scopes, some 70 ms of work on a small machine.
+_SYNC_BATCHES = 4
 
 
 class Decision(NamedTuple):
@@ -62,6 +64,12 @@ class Limit:
 
 
 _Errors = (RedisError, OSError, asyncio.TimeoutError)
+# The error code Redis gives a command on a key of another type; the script reports it per scope.
+_WRONGTYPE = "WRONGTYPE"
+
+
+class _ScopesFailedError(Exception):
+    """Redis answered, but some scopes' keys hold another type, so it could not count them."""
 
 
 class TieredLimiter:
@@ -121,6 +129,9 @@ class TieredLimiter:
             raise InvalidTypeError(f"namespace must be a str, got {type(namespace).__name__}")
         if clock is not None and not callable(clock):
             raise InvalidTypeError(f"clock must be callable, got {type(clock).__name__}")
+        _validate.positive_int(shards, "shards", maximum=1024)
+        if shards & (shards - 1):
+            raise _validate.InvalidArgumentError(f"shards must be a power of two, got {shards}")
         self._table = _native.Table(max_scopes, shards)
         self._clock = clock
         self._offset = 0.0
@@ -141,6 +152,7 @@ class TieredLimiter:
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
+        self._synced: asyncio.Future[None] | None = None
         self._counts = {
             "syncs": 0,
             "redis_errors": 0,
@@ -329,6 +341,8 @@ class TieredLimiter:
                 break
             try:
                 await self._load(backend, scopes)
+            except _ScopesFailedError:
+                return self._fallback(scopes, rpms, tpms, tokens)
             except _Errors as exc:
                 self._redis_failed(exc)
                 return self._fallback(scopes, rpms, tpms, tokens)
@@ -352,6 +366,10 @@ class TieredLimiter:
                 )
                 self._counts["loads"] += 1
                 self._apply(replies, started)
+                failed = [s for reply in replies for s in reply.failed]
+                if failed:
+                    self._scopes_failed(len(failed))
+                    raise _ScopesFailedError
                 future.set_result(None)
             except BaseException as exc:
                 future.set_exception(exc)
@@ -372,22 +390,82 @@ class TieredLimiter:
         tpms: list[int],
         tokens: int,
     ) -> Decision:
-        """Check and charge atomically in Redis, pushing these scopes' pending deltas first."""
-        taken = [self._table.take(s) for s in scopes]
-        calls = [
-            Call(s, r, t, *(d if d is not None else (0, 0, 0)))
-            for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
-        ]
-        started = time.time()
-        try:
-            reply = await asyncio.wait_for(backend.acquire(calls, tokens), self._timeout)
-        except _Errors as exc:
-            self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
-            self._redis_failed(exc)
-            return self._fallback(scopes, rpms, tpms, tokens)
+        """Check and charge atomically in Redis, pushing these scopes' pending deltas first.
 
+        Other proxies may hold admissions they have not pushed yet, up to their share of what
+        remained; the check keeps that much back. A denial that comes only from what was kept
+        back waits for this proxy's next sync (within `redis_timeout`) and is checked again.
+        """
+        deadline = time.monotonic() + self._timeout
+        while True:
+            taken = [self._table.take(s) for s in scopes]
+            calls = [
+                Call(s, r, t, *self._kept_back(s, r, t), *(d if d is not None else (0, 0, 0)))
+                for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
+            ]
+            started = time.time()
+            try:
+                reply = await asyncio.wait_for(
+                    backend.acquire(calls, tokens), max(deadline - time.monotonic(), 0.001)
+                )
+            except _Errors as exc:
+                self._restore(
+                    [(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None]
+                )
+                self._redis_failed(exc)
+                return self._fallback(scopes, rpms, tpms, tokens)
+
+            if reply.allowed or reply.hard or reply.failed:
+                break
+            self._apply([reply], started)
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._next_sync()), deadline - time.monotonic()
+                )
+            except (asyncio.TimeoutError, ValueError):
+                break
+
+        return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, started)
+
+    def _kept_back(self, scope: str, rpm: int, tpm: int) -> tuple[int, int]:
+        """What the other proxies may have admitted and not pushed: their shares of the rest."""
+        others = self._proxies - 1
+        totals = self._table.totals(scope)
+        if not others or totals is None:
+            return 0, 0
+        _, g_req, g_tok = totals
+        keep_req = others * max(0, rpm - g_req) // self._proxies if rpm else 0
+        keep_tok = others * max(0, tpm - g_tok) // self._proxies if tpm else 0
+        return keep_req, keep_tok
+
+    def _next_sync(self) -> asyncio.Future[None]:
+        if self._synced is None or self._synced.done():
+            self._synced = asyncio.get_running_loop().create_future()
+        return self._synced
+
+    def _exact_reply(
+        self,
+        reply: Reply,
+        taken: list[tuple[int, int, int] | None],
+        scopes: list[str],
+        rpms: list[int],
+        tpms: list[int],
+        tokens: int,
+        started: float,
+    ) -> Decision:
         self._counts["exact_checks"] += 1
         self._apply([reply], started)
+        if reply.failed:
+            # The other scopes' deltas reached Redis; the failed ones' are kept for later.
+            self._restore(
+                [
+                    (s, *d)
+                    for s, d in zip(scopes, taken, strict=True)
+                    if d is not None and s in reply.failed
+                ]
+            )
+            self._scopes_failed(len(reply.failed))
+            return self._fallback(scopes, rpms, tpms, tokens)
         return _exact_decision(reply, scopes, rpms, tpms, self._window)
 
     def _fallback(
@@ -395,13 +473,15 @@ class TieredLimiter:
     ) -> Decision:
         """Answer by the outage policy while Redis is unreachable."""
         self._counts["fallback_decisions"] += 1
-        if self._policy == "allow":
-            return Decision(True, None, 0.0)
         if self._policy == "deny":
             return Decision(False, None, self._interval, scope=scopes[0])
         result = self._table.check(
             scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies, offline=True
         )
+        if self._policy == "allow" and result[0] != _ADMITTED:
+            # Admitted past this proxy's share, uncounted; what fit in it was charged above and
+            # reaches Redis when it is back.
+            return Decision(True, None, 0.0)
         return _decision(result, scopes)
 
     def _apply(self, replies: list[Reply], started: float) -> None:
@@ -425,17 +505,31 @@ class TieredLimiter:
                 self._counts["dropped_deltas"] += 1
 
     def _redis_failed(self, exc: BaseException) -> None:
+        """Count a failed Redis call, log its kind once, and serve by the policy until a sync."""
         self._counts["redis_errors"] += 1
-        kind = type(exc).__name__
-        if not self._degraded or kind not in self._error_kinds:
+        kind = _error_kind(exc)
+        if kind not in self._error_kinds:
             self._error_kinds.add(kind)
             logger.warning(
-                "Redis at %s unreachable (%s); serving by the %r policy until a sync succeeds",
+                "Redis at %s failed (%s); serving by the %r policy until a sync succeeds",
                 self._url,
                 kind,
                 self._policy,
             )
         self._degraded = True
+
+    def _scopes_failed(self, count: int) -> None:
+        """Count scopes Redis could not count (keys of another type); only they use the policy."""
+        self._counts["redis_errors"] += count
+        if _WRONGTYPE not in self._error_kinds:
+            self._error_kinds.add(_WRONGTYPE)
+            logger.warning(
+                "Redis at %s holds keys of another type for %d scope(s) (WRONGTYPE); those "
+                "scopes are served by the %r policy until their keys are fixed or expire",
+                self._url,
+                count,
+                self._policy,
+            )
 
     async def _run(self) -> None:
         while True:
@@ -452,33 +546,69 @@ class TieredLimiter:
         if backend is None:
             return
 
-        deltas = self._table.drain()
-        calls = [Call(s, 0, 0, ws, r, t) for s, ws, r, t in deltas]
-        started = time.time()
-        try:
-            replies, proxies = await asyncio.wait_for(
-                backend.sync(
-                    calls,
-                    batch_size=self._batch,
-                    proxy_id=self._proxy_id,
-                    heartbeat_ttl=max(5 * self._interval, 2.0),
-                    leaving=leaving,
-                ),
-                max(self._timeout, self._interval),
-            )
-        except _Errors as exc:
-            self._restore(deltas)
-            self._redis_failed(exc)
-            return
+        if self._degraded and not leaving:
+            # Drained deltas are invisible to checks until Redis answers: probe first, so that
+            # an outage does not hide them for a failing round trip every interval.
+            try:
+                await backend.ping(self._timeout)
+            except _Errors as exc:
+                self._redis_failed(exc)
+                return
 
-        if self._degraded:
-            logger.warning("Redis at %s reachable again; syncing normally", self._url)
-            self._degraded = False
+        deltas = self._table.drain()
+        # A round trip carries at most _SYNC_BATCHES batches, so that a backlog (after an
+        # outage, or more active scopes than one sync pushes in redis_timeout) is pushed in
+        # steps that each fit the timeout, instead of timing out, being given back and pushed
+        # again whole on every try.
+        step = self._batch * _SYNC_BATCHES
+        replies: list[Reply] = []
+        proxies = self._proxies
+        for first in range(0, max(len(deltas), 1), step):
+            chunk = deltas[first : first + step]
+            calls = [Call(s, window_start=ws, requests=r, tokens=t) for s, ws, r, t in chunk]
+            started = time.time()
+            try:
+                chunk_replies, proxies = await asyncio.wait_for(
+                    backend.sync(
+                        calls,
+                        batch_size=self._batch,
+                        proxy_id=self._proxy_id,
+                        heartbeat_ttl=max(5 * self._interval, 2.0),
+                        leaving=leaving,
+                    ),
+                    max(self._timeout, self._interval),
+                )
+            except _Errors as exc:
+                self._restore(deltas[first:])
+                self._redis_failed(exc)
+                return
+            if self._degraded:
+                logger.warning("Redis at %s reachable again; syncing normally", self._url)
+                self._degraded = False
+            self._apply(chunk_replies, started)
+            replies.extend(chunk_replies)
+
+        failed = {s for reply in replies for s in reply.failed}
+        if failed:
+            self._restore([d for d in deltas if d[0] in failed])
+            self._scopes_failed(len(failed))
+        else:
             self._error_kinds.clear()
         self._proxies = max(1, proxies)
-        self._apply(replies, started)
         self._counts["syncs"] += 1
+        if self._synced is not None and not self._synced.done():
+            self._synced.set_result(None)
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A short name for a failure, for logs: the class, and Redis's error code if generic."""
+    kind = type(exc).__name__
+    if type(exc) is ResponseError:
+        code = str(exc).split(" ", 1)[0]
+        if code.isupper() and code.isalpha():
+            kind = f"{kind} {code}"
+    return kind
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -490,6 +620,8 @@ def _log_crash(task: asyncio.Task[None]) -> None:
 
 
 def _unpack(limits: Sequence[Limit]) -> tuple[list[str], list[int], list[int]]:
+    if isinstance(limits, (str, bytes)) or not hasattr(limits, "__iter__"):
+        raise InvalidTypeError(f"limits must be a sequence of Limit, got {type(limits).__name__}")
     if not limits:
         raise _validate.InvalidArgumentError("limits must name at least one scope, got none")
     scopes: list[str] = []

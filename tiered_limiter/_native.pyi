@@ -115,6 +115,10 @@ class Table:
             `(scope, window_start, requests, tokens)` for each scope with a non-zero delta.
         """
 
+    def totals(self, scope: str) -> tuple[int, int, int] | None:
+        """A scope's fleet totals as Redis last returned them, `(window_start, requests,
+        tokens)`, or None when the scope is not tracked."""
+
     def take(self, scope: str) -> tuple[int, int, int] | None:
         """Take one scope's pending delta, as `(window_start, requests, tokens)`, or None."""
 
@@ -147,7 +151,9 @@ class Table:
     def stats(self) -> dict[str, int]:
         """Counters: `scopes`, `active`, `memory_bytes`, `evictions`, `rejected`, `pending`.
 
-        `memory_bytes` is what the table itself allocated (index, entries, active records),
+        `memory_bytes` is what the table itself allocated (index, entries, active records and
+        their names); each shard reserves room for its share of `max_scopes` entries up front as
+        address space, counted here only up to the memory page its last entry is on.
         `rejected` counts scopes that could not be tracked, `pending` the scopes with a
         non-zero pending delta.
         """

@@ -54,21 +54,30 @@ class Totals:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What one script call returned."""
+    """What one script call returned.
+
+    `hard` is False when a denial came only from what was kept back for other proxies'
+    unsynced admissions, which their next syncs settle.
+    """
 
     allowed: bool
     denied_index: int
     redis_now: float
     totals: list[Totals]
+    hard: bool = True
+    failed: tuple[str, ...] = ()
+    """Scopes whose keys hold another type (WRONGTYPE): unchanged, their totals zero."""
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One scope's part of a script call: its limits and the pending delta pushed with it."""
+    """One scope's part of a script call: limits, what to keep back, the delta pushed with it."""
 
     scope: str
     rpm: int = 0
     tpm: int = 0
+    keep_requests: int = 0
+    keep_tokens: int = 0
     window_start: int = 0
     requests: int = 0
     tokens: int = 0
@@ -133,17 +142,29 @@ class RedisBackend:
         args: list[Any] = [self._window, self._now_arg(), 1 if check else 0, tokens]
         for call in calls:
             keys.extend(self.keys(call.scope))
-            args.extend((call.rpm, call.tpm, call.window_start, call.requests, call.tokens))
+            args.extend(
+                (
+                    call.rpm,
+                    call.tpm,
+                    call.keep_requests,
+                    call.keep_tokens,
+                    call.window_start,
+                    call.requests,
+                    call.tokens,
+                )
+            )
         return keys, args
 
     @staticmethod
     def _parse(calls: Sequence[Call], raw: Sequence[Any]) -> Reply:
         values = [int(v) for v in raw]
         totals = [
-            Totals(call.scope, values[4 + 3 * i], values[5 + 3 * i], values[6 + 3 * i])
+            Totals(call.scope, max(0, values[5 + 3 * i]), values[6 + 3 * i], values[7 + 3 * i])
             for i, call in enumerate(calls)
         ]
-        return Reply(bool(values[0]), values[1] - 1, values[2] + values[3] / 1e6, totals)
+        failed = tuple(call.scope for i, call in enumerate(calls) if values[5 + 3 * i] < 0)
+        now = values[2] + values[3] / 1e6
+        return Reply(bool(values[0]), values[1] - 1, now, totals, bool(values[4]), failed)
 
     async def _run(self, commands: list[Command]) -> list[Any]:
         """Run script calls in one pipeline, loading scripts a restarted Redis forgot.
@@ -233,7 +254,8 @@ class RedisBackend:
             if not reply.allowed:
                 await self._refund(charged, tokens)
                 offset = sum(len(r.totals) for r in charged)
-                return Reply(False, offset + reply.denied_index, reply.redis_now, reply.totals)
+                index = offset + reply.denied_index if reply.denied_index >= 0 else -1
+                return Reply(False, index, reply.redis_now, reply.totals, reply.hard, reply.failed)
             charged.append(reply)
 
         totals = [t for reply in charged for t in reply.totals]

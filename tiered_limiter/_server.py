@@ -8,8 +8,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -32,9 +34,19 @@ class RedisServer:
         *extra: More `redis-server` arguments, e.g. `"--requirepass", "secret"`.
         port: The port to listen on; a free one by default. Kept across `stop` and `start`,
             so a restarted server is reachable at the same URL.
+        tls: Listen on `port` with TLS only (`--tls-port`, `--port 0`); `extra` names the
+            certificate files. `url` is then `rediss://`.
+        client_options: Keyword arguments of `redis.Redis` for the clients this helper opens
+            (the readiness check and `client()`): credentials, `ssl_ca_certs`.
     """
 
-    def __init__(self, *extra: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *extra: str,
+        port: int | None = None,
+        tls: bool = False,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError(
@@ -44,21 +56,31 @@ class RedisServer:
         self.binary = binary
         self.port = port or free_port()
         self.extra = extra
+        self.tls = tls
+        self.client_options = dict(client_options or {})
         self.dir = Path(tempfile.mkdtemp(prefix="tl-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server and return once it answers PING."""
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        ports = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
+        args = [self.binary, *ports, "--bind", "127.0.0.1", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(self.dir)]
         args += ["--logfile", str(self.dir / "redis.log"), *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, **self._auth())
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_connect_timeout=0.2, **self._auth()
+        )
         try:
             while True:
                 with contextlib.suppress(redis.ConnectionError):
@@ -72,10 +94,11 @@ class RedisServer:
         finally:
             client.close()
 
-    def _auth(self) -> dict[str, str]:
+    def _auth(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"ssl": True} if self.tls else {}
         if "--requirepass" in self.extra:
-            return {"password": self.extra[self.extra.index("--requirepass") + 1]}
-        return {}
+            options["password"] = self.extra[self.extra.index("--requirepass") + 1]
+        return options | self.client_options
 
     def stop(self) -> None:
         """Kill the server at once, as a crash would."""
@@ -86,7 +109,7 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A synchronous client that decodes replies to str."""
-        return redis.Redis(port=self.port, decode_responses=True, **self._auth())
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, **self._auth())
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -14,14 +14,24 @@ MAX_COUNT = 2**32 - 1
 def scope(value: object, name: str = "scope") -> str:
     """Return `value` if it is a usable scope name, else raise naming it."""
     if type(value) is not str:
-        raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__} {value!r:.80}")
+        # No repr of the value: a scope of the wrong type may still hold a whole key hash.
+        raise InvalidTypeError(f"{name} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidArgumentError(f"{name} must not be empty")
-    # A str of at most 256 characters is at most 1 KiB in UTF-8, so most scopes skip encoding.
-    if len(value) > MAX_SCOPE_BYTES // 4 and len(value.encode()) > MAX_SCOPE_BYTES:
+    # str.isascii() is O(1) in CPython: ASCII scopes (nearly all) skip encoding.
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(
+                f"{name} must be encodable as UTF-8; it holds a lone surrogate"
+            ) from None
+    if size > MAX_SCOPE_BYTES:
         raise InvalidArgumentError(
-            f"{name} must be at most {MAX_SCOPE_BYTES} bytes in UTF-8, got "
-            f"{len(value.encode())} bytes starting {value[:40]!r}"
+            f"{name} must be at most {MAX_SCOPE_BYTES} bytes in UTF-8, got {size} bytes "
+            f"starting {value[:24]!r}"
         )
     return value
 

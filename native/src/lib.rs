@@ -225,11 +225,18 @@ impl PyTable {
             let req = request(tokens, now, window, proxies, offline)?;
             let mut backed: SmallVec<[(PyBackedStr, u32, u32); 8]> = SmallVec::new();
             for i in 0..n {
-                backed.push((
-                    str_arg(&names.get_item(i)?, &format!("scopes[{i}]"))?,
-                    u32_arg(&rpm.get_item(i)?, &format!("rpm[{i}]"))?,
-                    u32_arg(&tpm.get_item(i)?, &format!("tpm[{i}]"))?,
-                ));
+                // Argument names for errors are only formatted when an item is bad.
+                let name = names.get_item(i)?;
+                let name = if name.is_instance_of::<PyString>() {
+                    str_arg(&name, "scope")?
+                } else {
+                    str_arg(&name, &format!("scopes[{i}]"))?
+                };
+                let limit = |list: &Bound<'_, PyList>, arg: &str| -> PyResult<u32> {
+                    let item = list.get_item(i)?;
+                    u32_arg(&item, "").or_else(|_| u32_arg(&item, &format!("{arg}[{i}]")))
+                };
+                backed.push((name, limit(&rpm, "rpm")?, limit(&tpm, "tpm")?));
             }
             let limits: SmallVec<[ScopeLimit<'_>; 8]> = backed
                 .iter()
@@ -293,6 +300,13 @@ impl PyTable {
                     .iter()
                     .map(|d| (&*d.scope, d.window_start, d.requests, d.tokens)),
             )
+        })
+    }
+
+    fn totals(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, u32, u32)>> {
+        guarded("totals", || {
+            let name = str_arg(scope, "scope")?;
+            Ok(self.inner.totals(&name))
         })
     }
 

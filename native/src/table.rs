@@ -19,6 +19,8 @@
 //! so no two threads can wait on each other (writers only ever hold one shard at a time, except
 //! a check's write path, which also locks in ascending order).
 
+#![forbid(unsafe_code)]
+
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -39,6 +41,12 @@ pub const MAX_SHARDS: usize = 1024;
 /// Index load past which the index grows, as a fraction `LOAD_NUM / LOAD_DEN`.
 const LOAD_NUM: usize = 4;
 const LOAD_DEN: usize = 5;
+
+/// The most entries a shard reserves up front (24 MiB of address space per 1M).
+const MAX_RESERVED_ENTRIES: usize = 1 << 22;
+
+/// Bytes of a memory page, the unit in which reserved entries become memory.
+const PAGE_BYTES: usize = 4096;
 
 /// Smallest index capacity, in slots.
 const MIN_SLOTS: usize = 8;
@@ -193,6 +201,11 @@ struct Record {
     /// Fleet increase between the last two applies of the same window.
     rate_req: u32,
     rate_tok: u32,
+    /// What this process charged in the interval the last drain closed. Other proxies'
+    /// charges reach this table only after both sides sync, so the check assumes each of them
+    /// spent as much as this one did when it judges how close the scope is to its limit.
+    own_req: u32,
+    own_tok: u32,
     /// Index of the owning entry.
     entry: u32,
     /// Set by apply; false on a record created by a charge on a stale scope.
@@ -367,8 +380,18 @@ impl Shard {
 
         if self.entries.len() == self.entries.capacity() {
             let len = self.entries.len();
-            let cap = (len + len / 2).max(4).min(geo.per_shard);
-            self.entries.reserve_exact(cap.saturating_sub(len).max(1));
+            // The first insert reserves the whole shard: address space only, the pages become
+            // memory as entries fill them. Growing by reallocation instead leaves the blocks it
+            // outgrew as holes in the heap, which RSS keeps (about 10 bytes per scope at 1M).
+            let reserved = len == 0
+                && self
+                    .entries
+                    .try_reserve_exact(geo.per_shard.min(MAX_RESERVED_ENTRIES))
+                    .is_ok();
+            if !reserved {
+                let cap = (len + len / 2).max(4).min(geo.per_shard);
+                self.entries.reserve_exact(cap.saturating_sub(len).max(1));
+            }
         }
     }
 
@@ -497,9 +520,14 @@ impl Shard {
         fallback
     }
 
+    /// Bytes of memory the shard holds: capacities, except that reserved entries count only
+    /// up to the page the last entry is on (the rest is address space no one has touched).
     fn memory_bytes(&self) -> usize {
+        let entries = (self.entries.len() * size_of::<Entry>())
+            .next_multiple_of(PAGE_BYTES)
+            .min(self.entries.capacity() * size_of::<Entry>());
         self.slots.capacity() * size_of::<u32>()
-            + self.entries.capacity() * size_of::<Entry>()
+            + entries
             + self.records.capacity() * size_of::<Record>()
             + self.free_records.capacity() * size_of::<u32>()
             // An Arc<str> allocation holds two counters before the bytes.
@@ -602,9 +630,14 @@ fn judge(
         return Verdict::Load;
     }
 
-    let (rate_req, rate_tok) = record.map_or((0, 0), |r| (r.rate_req, r.rate_tok));
-    let near_req = lr > 0 && lr - g_req <= 2 * i64::from(rate_req);
-    let near_tok = lt > 0 && lt - g_tok <= 2 * i64::from(rate_tok);
+    let (fleet_req, fleet_tok) = record.map_or((0, 0), |r| {
+        (
+            i64::from(r.rate_req).max(proxies * i64::from(r.own_req)),
+            i64::from(r.rate_tok).max(proxies * i64::from(r.own_tok)),
+        )
+    });
+    let near_req = lr > 0 && lr - g_req <= 2 * fleet_req;
+    let near_tok = lt > 0 && lt - g_tok <= 2 * fleet_tok;
     if near_req || near_tok || spent_req || spent_tok {
         return Verdict::Exact;
     }
@@ -926,8 +959,7 @@ impl Table {
                 if let Some(r) = shard.records.get_mut(active as usize) {
                     *r.pend_req.get_mut() = 0;
                     *r.pend_tok.get_mut() = 0;
-                    r.rate_req = 0;
-                    r.rate_tok = 0;
+                    (r.rate_req, r.rate_tok, r.own_req, r.own_tok) = (0, 0, 0, 0);
                 }
                 true
             }
@@ -1015,17 +1047,19 @@ impl Table {
         let mut reset = false;
         let ei = if let Some(ei) = shard.find(self.geo, &h) {
             let entry = &mut shard.entries[ei];
-            if window_start < entry.window_start {
-                return true;
-            }
-
             if window_start == entry.window_start {
                 rates = (
                     requests.saturating_sub(entry.g_req),
                     tokens.saturating_sub(entry.g_tok),
                 );
+            } else if now >= f64::from(window_start) + f64::from(window) {
+                // A reply about a window that has already ended is stale: keep what we have.
+                return true;
             } else {
-                reset = true;
+                // Redis's open window wins, even over a later local one (opened while Redis
+                // was unreachable). Pending deltas survive unless their own window has ended:
+                // the sync charges a delta of an open window to Redis's open window.
+                reset = entry.window_ended(now, window);
             }
             entry.window_start = window_start;
             entry.g_req = requests;
@@ -1047,6 +1081,7 @@ impl Table {
         if reset {
             *record.pend_req.get_mut() = 0;
             *record.pend_tok.get_mut() = 0;
+            (record.own_req, record.own_tok) = (0, 0);
         }
         (record.rate_req, record.rate_tok) = rates;
         record.fresh = true;
@@ -1070,6 +1105,8 @@ impl Table {
                 let requests = std::mem::take(record.pend_req.get_mut());
                 let tokens = std::mem::take(record.pend_tok.get_mut());
                 let touched = std::mem::take(record.touched.get_mut());
+                record.own_req = requests.clamp(0, i64::from(u32::MAX)) as u32;
+                record.own_tok = tokens.clamp(0, i64::from(u32::MAX)) as u32;
                 let entry = record.entry as usize;
                 if requests != 0 || tokens != 0 {
                     out.push(Delta {
@@ -1084,6 +1121,14 @@ impl Table {
             }
         }
         out
+    }
+
+    /// One scope's fleet totals as Redis last returned them: `(window_start, requests, tokens)`.
+    pub fn totals(&self, scope: &str) -> Option<(u32, u32, u32)> {
+        let h = self.hash(scope);
+        let shard = self.shard(&h).read();
+        let entry = &shard.entries[shard.find(self.geo, &h)?];
+        Some((entry.window_start, entry.g_req, entry.g_tok))
     }
 
     /// Takes one scope's pending delta as `(window_start, requests, tokens)`.

@@ -327,8 +327,10 @@ class TieredRateLimits:
             request.retry_after[scope] = decision.retry_after
             index = _denied_index(counters, decision, tokens)
             denied = counters[index]
-            left = decision.remaining if denied.counter.kind == "requests" else (
-                decision.remaining_tokens
+            left = (
+                decision.remaining
+                if denied.counter.kind == "requests"
+                else (decision.remaining_tokens)
             )
             return AtomicOverLimit(index, max(0, denied.limit - (left or 0)), denied.limit)
 
@@ -445,7 +447,9 @@ class TieredRateLimits:
 def _denied_index(counters: Sequence[Any], decision: Decision, tokens: int) -> int:
     """Which counter (0-based, as LiteLLM's native reply gives it) a denial is reported on."""
     kinds = [c.counter.kind for c in counters]
-    tokens_short = decision.remaining_tokens is not None and decision.remaining_tokens < max(1, tokens)
+    tokens_short = decision.remaining_tokens is not None and decision.remaining_tokens < max(
+        1, tokens
+    )
     if "tokens" in kinds and (tokens_short or "requests" not in kinds):
         return kinds.index("tokens")
     return kinds.index("requests") if "requests" in kinds else 0

@@ -7,16 +7,23 @@
 -- one ended and lasts `window` seconds; opening one deletes the scope's counters.
 --
 -- ARGV: window, now ('' means Redis TIME), check (1 = all-or-nothing check, 0 = sync), tokens,
--- then 5 per scope: rpm, tpm (0 = no limit; only read when checking), and this process's
--- pending delta (delta_window_start, requests, tokens).
+-- then 7 per scope: rpm, tpm (0 = no limit; only read when checking), the requests and tokens
+-- other proxies may have admitted locally and not pushed yet (kept back from the limit when
+-- checking), and this process's pending delta (delta_window_start, requests, tokens).
 --
 -- Delta rules: a delta whose own window has ended is dropped, never charged to a later window;
 -- one whose window is still open is charged to the scope's open window, and when Redis has no
 -- open window (it restarted empty, or the key was evicted) the delta's window is restored. A
 -- delta_window_start of 0 means no delta: the scope's window is opened if none is open.
 --
+-- A scope whose keys hold another type (WRONGTYPE) gets window_start -1 and no change: the
+-- other scopes of the batch are still synced, and a check that names it charges nothing. Each
+-- scope reads its keys before writing, so a failing scope leaves no partial charge behind. Any
+-- other error (OOM, READONLY) fails the whole call, before its first write succeeds.
+--
 -- Returns: {allowed (1/0), denying scope (1-based, 0 if none), now_seconds, now_microseconds,
--- then per scope: window_start, requests, tokens}, totals after every charge.
+-- hard (1 when the denying scope is over its limit even without what was kept back), then per
+-- scope: window_start, requests, tokens}, totals after every charge.
 local window = tonumber(ARGV[1])
 local check = ARGV[3] == '1'
 local cost = tonumber(ARGV[4])
@@ -46,9 +53,10 @@ local function ttl_until(ends)
   return math.max(1, math.ceil(ends - now))
 end
 
-local function charge(key, amount, ends, float)
+-- Adds `amount` to a counter whose current value is `current` and returns the new value.
+local function charge(key, current, amount, ends, float)
   if amount == 0 then
-    return
+    return current
   end
   local v
   if float then
@@ -59,21 +67,23 @@ local function charge(key, amount, ends, float)
   if v < 0 then
     -- A refund larger than what Redis holds (it restarted empty): never leave a negative count.
     redis.call('SET', key, 0, 'KEEPTTL')
+    v = 0
   end
   if redis.call('TTL', key) < 0 then
     redis.call('EXPIRE', key, ttl_until(ends))
   end
+  return math.floor(v)
 end
 
 local n = #KEYS / 3
 local starts, reqs, toks = {}, {}, {}
-local denied = 0
+local denied, failed, hard = 0, 0, 0
 local tcheck = math.max(cost, 1)
-for i = 1, n do
+
+local function sync_scope(i)
   local kw, kr, kt = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local base = 4 + 5 * (i - 1)
-  local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local dws, dreq, dtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local base = 4 + 7 * (i - 1)
+  local dws, dreq, dtok = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6]), tonumber(ARGV[base + 7])
   local ws = tonumber(redis.call('GET', kw))
   if ws and now >= ws + window then
     ws = nil
@@ -88,33 +98,58 @@ for i = 1, n do
     redis.call('SET', kw, ws, 'EX', ttl_until(ws + window))
     redis.call('DEL', kr, kt)
   end
-  if ws then
-    if delta_open then
-      charge(kr, dreq, ws + window, false)
-      charge(kt, dtok, ws + window, true)
-    end
-    starts[i], reqs[i], toks[i] = ws, counter(kr), counter(kt)
-  else
-    starts[i], reqs[i], toks[i] = 0, 0, 0
+  if not ws then
+    return 0, 0, 0
   end
-  if check and denied == 0 and
-      ((rpm > 0 and reqs[i] + 1 > rpm) or (tpm > 0 and toks[i] + tcheck > tpm)) then
-    denied = i
+  local r, t = counter(kr), counter(kt)
+  if delta_open then
+    r = charge(kr, r, dreq, ws + window, false)
+    t = charge(kt, t, dtok, ws + window, true)
+  end
+  return ws, r, t
+end
+
+for i = 1, n do
+  local ok, ws, r, t = pcall(sync_scope, i)
+  if ok then
+    starts[i], reqs[i], toks[i] = ws, r, t
+  else
+    local msg = type(ws) == 'table' and ws.err or tostring(ws)
+    if string.find(msg, 'WRONGTYPE', 1, true) == nil then
+      return redis.error_reply(msg)
+    end
+    starts[i], reqs[i], toks[i] = -1, 0, 0
+    if failed == 0 then
+      failed = i
+    end
+  end
+end
+
+if check and failed == 0 then
+  for i = 1, n do
+    local base = 4 + 7 * (i - 1)
+    local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+    local rreq, rtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+    local over = (rpm > 0 and reqs[i] + 1 > rpm) or (tpm > 0 and toks[i] + tcheck > tpm)
+    if over or (rpm > 0 and reqs[i] + 1 + rreq > rpm)
+        or (tpm > 0 and toks[i] + tcheck + rtok > tpm) then
+      denied = i
+      hard = over and 1 or 0
+      break
+    end
   end
 end
 
 local allowed = 0
-if check and denied == 0 then
+if check and denied == 0 and failed == 0 then
   allowed = 1
   for i = 1, n do
-    charge(KEYS[3 * i - 1], 1, starts[i] + window, false)
-    charge(KEYS[3 * i], cost, starts[i] + window, true)
-    reqs[i] = reqs[i] + 1
-    toks[i] = toks[i] + cost
+    reqs[i] = charge(KEYS[3 * i - 1], reqs[i], 1, starts[i] + window, false)
+    toks[i] = charge(KEYS[3 * i], toks[i], cost, starts[i] + window, true)
   end
 end
 
-local out = {allowed, denied, now_s, now_us}
+local out = {allowed, denied, now_s, now_us, hard}
 for i = 1, n do
   out[#out + 1] = starts[i]
   out[#out + 1] = reqs[i]

@@ -573,6 +573,8 @@ struct RefRecord {
     pend_tok: i64,
     rate_req: u32,
     rate_tok: u32,
+    own_req: u32,
+    own_tok: u32,
     fresh: bool,
     touched: bool,
 }
@@ -619,10 +621,12 @@ impl Model {
         if stale && st.rec.is_some() && pr != 0 {
             return (1, 0.0);
         }
-        let (rr, rt) = st
-            .rec
-            .as_ref()
-            .map_or((0, 0), |r| (i128::from(r.rate_req), i128::from(r.rate_tok)));
+        let (rr, rt) = st.rec.as_ref().map_or((0, 0), |r| {
+            (
+                i128::from(r.rate_req).max(p * i128::from(r.own_req)),
+                i128::from(r.rate_tok).max(p * i128::from(r.own_tok)),
+            )
+        });
         let near = (lr > 0 && lr - gr <= 2 * rr) || (lt > 0 && lt - gt <= 2 * rt);
         if near || spent {
             (2, 0.0)
@@ -646,10 +650,11 @@ impl Model {
                     st.g_req = 0;
                     st.g_tok = 0;
                     if let Some(r) = st.rec.as_mut() {
-                        r.pend_req = 0;
-                        r.pend_tok = 0;
-                        r.rate_req = 0;
-                        r.rate_tok = 0;
+                        *r = RefRecord {
+                            fresh: r.fresh,
+                            touched: r.touched,
+                            ..RefRecord::default()
+                        };
                     }
                 }
             }
@@ -697,25 +702,33 @@ impl Model {
         }
     }
 
-    fn apply(&mut self, name: &str, ws: u32, req_total: u32, tok_total: u32) -> bool {
+    fn apply(
+        &mut self,
+        name: &str,
+        ws: u32,
+        req_total: u32,
+        tok_total: u32,
+        now: f64,
+        window: u32,
+    ) -> bool {
         let st = self.scopes.entry(name.to_owned()).or_insert(RefState {
             ws,
             g_req: req_total,
             g_tok: tok_total,
             rec: None,
         });
-        if ws < st.ws {
-            return true;
-        }
+        let mut reset = false;
         let rates = if ws == st.ws {
             (
                 req_total.saturating_sub(st.g_req),
                 tok_total.saturating_sub(st.g_tok),
             )
+        } else if now >= f64::from(ws) + f64::from(window) {
+            return true;
         } else {
+            reset = !st.open(now, window);
             (0, 0)
         };
-        let reset = ws > st.ws;
         st.ws = ws;
         st.g_req = req_total;
         st.g_tok = tok_total;
@@ -723,6 +736,8 @@ impl Model {
         if reset {
             rec.pend_req = 0;
             rec.pend_tok = 0;
+            rec.own_req = 0;
+            rec.own_tok = 0;
         }
         (rec.rate_req, rec.rate_tok) = rates;
         rec.fresh = true;
@@ -737,6 +752,8 @@ impl Model {
             };
             let (r, t) = (rec.pend_req, rec.pend_tok);
             let touched = rec.touched;
+            rec.own_req = r.clamp(0, i64::from(u32::MAX)) as u32;
+            rec.own_tok = t.clamp(0, i64::from(u32::MAX)) as u32;
             rec.pend_req = 0;
             rec.pend_tok = 0;
             rec.touched = false;
@@ -905,7 +922,7 @@ proptest! {
                     let ws = window_start(now, age);
                     prop_assert_eq!(
                         t.apply(NAMES[scope], ws, requests, tokens, now, W),
-                        m.apply(NAMES[scope], ws, requests, tokens)
+                        m.apply(NAMES[scope], ws, requests, tokens, now, W)
                     );
                 }
                 Op::Drain => prop_assert_eq!(sorted(t.drain()), m.drain()),
@@ -1094,4 +1111,13 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
     assert!(admitted_req.load(Relaxed) > 0);
     assert_eq!(synced_req.load(Relaxed), admitted_req.load(Relaxed));
     assert_eq!(synced_tok.load(Relaxed), admitted_tok.load(Relaxed));
+}
+
+#[test]
+fn totals_are_what_redis_last_returned() {
+    let t = table();
+    assert_eq!(t.totals("u"), None);
+    assert!(t.apply("u", 100, 7, 70, 100.0, W));
+    assert_eq!(outcome(&t, "u", 100, 0, 0, 100.0), Outcome::Admitted);
+    assert_eq!(t.totals("u"), Some((100, 7, 70)));
 }

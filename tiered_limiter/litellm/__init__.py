@@ -1,0 +1,76 @@
+"""The LiteLLM adapter: LiteLLM's v3 rate limiter with its window counters in the tier.
+
+Turn it on with one setting in the proxy's environment:
+
+    LITELLM_WORKER_STARTUP_HOOKS=tiered_limiter.litellm:install
+
+See docs/litellm.md for the knobs (`TIERED_LIMITER=off`, `TIERED_LIMITER=canary:25`, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+from ._settings import Settings, load, parse_mode
+
+__all__ = ["Settings", "install", "load"]
+
+logger = logging.getLogger(__name__)
+
+_HOOK_NAME = "parallel_request_limiter"
+
+
+def install() -> bool:
+    """Put the tier behind LiteLLM's rate limiter in this worker; run before the proxy's hooks.
+
+    Meant for `LITELLM_WORKER_STARTUP_HOOKS`, which runs it in every worker before the config
+    is loaded. `TIERED_LIMITER=off` in the environment leaves LiteLLM untouched; the rest of
+    the knobs are read when LiteLLM builds its limiter, once `general_settings` is loaded.
+
+    Returns:
+        Whether the limiter was swapped in.
+
+    Raises:
+        InvalidArgumentError: `TIERED_LIMITER` has a value other than on, off or canary:N.
+    """
+    if parse_mode(os.environ.get("TIERED_LIMITER", "on")) == 0:
+        logger.info("tiered_limiter: TIERED_LIMITER=off, LiteLLM's own limiter serves")
+        return False
+    if os.environ.get("LEGACY_MULTI_INSTANCE_RATE_LIMITING", "").lower() == "true":
+        logger.warning("tiered_limiter: LiteLLM's legacy limiter is selected; not installing")
+        return False
+
+    from litellm.proxy import proxy_server
+    from litellm.proxy.hooks import PROXY_HOOKS
+
+    from ._hook import TieredParallelRequestHandler
+
+    PROXY_HOOKS[_HOOK_NAME] = TieredParallelRequestHandler
+    original = proxy_server.proxy_shutdown_event
+    if not getattr(original, "_tiered_limiter", False):
+        proxy_server.proxy_shutdown_event = _closing(original)
+    logger.info("tiered_limiter: installed as LiteLLM's %s", _HOOK_NAME)
+    return True
+
+
+def _closing(shutdown: Any) -> Any:
+    """The proxy's shutdown, followed by a flush of every pending delta to Redis."""
+
+    @functools.wraps(shutdown)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ._hook import TieredParallelRequestHandler
+
+        try:
+            return await shutdown(*args, **kwargs)
+        finally:
+            for handle in TieredParallelRequestHandler.handles:
+                try:
+                    await handle.close()
+                except Exception:
+                    logger.exception("tiered_limiter: flushing pending deltas at shutdown failed")
+
+    wrapper._tiered_limiter = True  # type: ignore[attr-defined]
+    return wrapper
