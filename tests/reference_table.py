@@ -19,10 +19,12 @@ class Record:
     name: str
     pend_req: int = 0
     pend_tok: int = 0
-    rate_req: int = 0
-    rate_tok: int = 0
-    own_req: int = 0
-    own_tok: int = 0
+    used_req: int = 0
+    used_tok: int = 0
+    lim_req: int = 0
+    lim_tok: int = 0
+    last_tokens: int = 0
+    idle: int = 0
     fresh: bool = False
     touched: bool = False
 
@@ -33,6 +35,15 @@ class Entry:
     g_req: int = 0
     g_tok: int = 0
     record: Record | None = None
+
+
+def _settle(pend: int, want: int) -> tuple[int, int, int]:
+    """(push, extra lease to ask for, new pending) for one kind at a drain."""
+    push, held = (pend, 0) if pend > 0 else (0, -pend)
+    if held > want:
+        push -= held - want
+        held = want
+    return push, want - held, -held
 
 
 class ReferenceTable:
@@ -93,6 +104,9 @@ class ReferenceTable:
             entry.record = rec
             rec.pend_req += 1
             rec.pend_tok += tokens
+            rec.used_req += 1
+            rec.used_tok += tokens
+            rec.lim_req, rec.lim_tok, rec.last_tokens = rpm[i], tpm[i], tokens
             rec.touched = True
             if rpm[i]:
                 rem_r.append(rpm[i] - entry.g_req - rec.pend_req)
@@ -121,53 +135,49 @@ class ReferenceTable:
             return DENIED, retry
         if tpm and entry.g_tok + pend_t + max(tokens, 1) > tpm:
             return DENIED, retry
-        stale = rec is None or not rec.fresh
-        if not offline and stale and rec is not None and rec.pend_req != 0:
-            return LOAD, 0.0
-        fleet_r = max(rec.rate_req, proxies * rec.own_req) if rec else 0
-        fleet_t = max(rec.rate_tok, proxies * rec.own_tok) if rec else 0
-        for limit, g, pend, cost, rate in (
-            (rpm, entry.g_req, pend_r, 1, fleet_r),
-            (tpm, entry.g_tok, pend_t, tokens, fleet_t),
-        ):
-            if not limit:
-                continue
-            remaining = limit - g
-            share = remaining // proxies
-            near = not offline and remaining <= 2 * rate
-            if near or pend + cost > share:
-                return (DENIED, retry) if offline else (EXACT, 0.0)
+        if offline:
+            for limit, g, pend, cost in (
+                (rpm, entry.g_req, pend_r, 1),
+                (tpm, entry.g_tok, pend_t, tokens),
+            ):
+                if limit and pend + cost > (limit - g) // proxies:
+                    return DENIED, retry
+            return ADMITTED, 0.0
+        if rec is None or not rec.fresh:
+            return (LOAD, 0.0) if rec is not None and rec.pend_req != 0 else (ADMITTED, 0.0)
+        if (rpm and pend_r + 1 > 0) or (tpm and pend_t + tokens > 0):
+            return EXACT, 0.0
         return ADMITTED, 0.0
 
     def apply(
-        self, scope: str, window_start: int, requests: int, tokens: int, now: float, window: int
+        self,
+        scope: str,
+        window_start: int,
+        requests: int,
+        tokens: int,
+        now: float,
+        window: int,
+        lease_requests: int | None = None,
+        lease_tokens: int | None = None,
     ) -> bool:
         entry = self.entries.get(scope)
         if entry is None:
             if len(self.entries) >= self.max_scopes and not self._evict_one(now, window):
                 return False
             entry = self.entries[scope] = Entry(window_start)
-            entry.g_req, entry.g_tok = requests, tokens
-            entry.record = Record(scope)
-        elif window_start == entry.window_start:
-            rec = entry.record or Record(scope)
-            rec.rate_req = max(0, requests - entry.g_req)
-            rec.rate_tok = max(0, tokens - entry.g_tok)
-            entry.g_req, entry.g_tok = requests, tokens
-            entry.record = rec
-        elif now >= window_start + window:
-            return True  # a reply about a window that has ended is stale
-        else:
+        elif window_start != entry.window_start:
+            if now >= window_start + window:
+                return True  # a reply about a window that has ended is stale
             # Redis's open window wins; pending deltas survive unless their window ended.
-            ended = now >= entry.window_start + window
-            entry.window_start, entry.g_req, entry.g_tok = window_start, requests, tokens
-            rec = entry.record or Record(scope)
-            rec.rate_req = rec.rate_tok = 0
-            if ended:
-                rec.pend_req = rec.pend_tok = rec.own_req = rec.own_tok = 0
-            entry.record = rec
-        assert entry.record is not None
-        entry.record.fresh = True
+            if now >= entry.window_start + window and entry.record is not None:
+                entry.record.pend_req = entry.record.pend_tok = 0
+            entry.window_start = window_start
+        entry.g_req, entry.g_tok = requests, tokens
+        rec = entry.record or Record(scope)
+        entry.record = rec
+        rec.pend_req -= lease_requests or 0
+        rec.pend_tok -= lease_tokens or 0
+        rec.fresh = True
         return True
 
     def _evict_one(self, now: float, window: int) -> bool:
@@ -177,20 +187,41 @@ class ReferenceTable:
                 return True
         return False
 
-    def drain(self) -> list[tuple[str, int, int, int]]:
-        out = []
+    def drain(self, now: float, window: int, idle_drains: int) -> list[tuple[object, ...]]:
+        out: list[tuple[object, ...]] = []
         for scope, entry in self.entries.items():
             rec = entry.record
             if rec is None:
                 continue
-            rec.own_req, rec.own_tok = max(rec.pend_req, 0), max(rec.pend_tok, 0)
-            if rec.pend_req or rec.pend_tok:
-                out.append((scope, entry.window_start, rec.pend_req, rec.pend_tok))
-            elif not rec.touched:
+            if now >= entry.window_start + window:
                 entry.record = None
                 continue
-            rec.pend_req = rec.pend_tok = 0
+            touched = rec.touched
+            rec.idle = 0 if touched else rec.idle + 1
             rec.touched = False
+            releasing = rec.idle >= idle_drains
+            want_r = 0 if releasing or not rec.lim_req else 2 * max(rec.used_req, 0) + 1
+            want_t = (
+                0 if releasing or not rec.lim_tok else 2 * max(rec.used_tok, 0) + rec.last_tokens
+            )
+            rec.used_req = rec.used_tok = 0
+            push_r, top_r, rec.pend_req = _settle(rec.pend_req, want_r)
+            push_t, top_t, rec.pend_tok = _settle(rec.pend_tok, want_t)
+            if touched or push_r or push_t or top_r or top_t:
+                out.append(
+                    (
+                        scope,
+                        entry.window_start,
+                        push_r,
+                        push_t,
+                        top_r,
+                        top_t,
+                        rec.lim_req,
+                        rec.lim_tok,
+                    )
+                )
+            elif releasing:
+                entry.record = None
         return out
 
     def take(self, scope: str) -> tuple[int, int, int] | None:

@@ -59,33 +59,37 @@ async def test_window_rolls_over_on_the_injected_clock(clock: FakeClock) -> None
         assert (await lim.acquire(KEY, rpm=2)).allowed
 
 
-async def test_cold_scope_reads_redis_once_then_answers_locally(
+async def test_warm_scope_at_a_steady_rate_never_waits_on_redis(
     redis_url: str, clock: FakeClock
 ) -> None:
     async with limiter(redis_url, clock) as lim:
         assert lim.try_acquire(KEY, rpm=1000) is None
-        first = await lim.acquire(KEY, rpm=1000)
-        trips = lim.stats()["redis_round_trips"]
-        later = [lim.try_acquire(KEY, rpm=1000) for _ in range(50)]
-        assert first.allowed
-        assert all(d is not None and d.allowed for d in later)
-        assert lim.stats()["redis_round_trips"] == trips
+        for _ in range(2):  # two intervals at the steady rate size the lease to it
+            for _ in range(4):
+                assert (await lim.acquire(KEY, rpm=1000)).allowed
+            await lim.sync()
+        exact = lim.stats()["exact_checks"]
+        for _ in range(20):  # 20 intervals at 4 requests each; syncs size the lease to it
+            later = [lim.try_acquire(KEY, rpm=1000) for _ in range(4)]
+            assert all(d is not None and d.allowed for d in later)
+            await lim.sync()
         assert lim.stats()["loads"] == 1
+        assert lim.stats()["exact_checks"] == exact
 
 
 async def test_sync_writes_litellm_keys_and_ttls(redis_url: str, clock: FakeClock) -> None:
     async with limiter(redis_url, clock) as lim:
         for _ in range(7):
             assert (await lim.acquire(KEY, rpm=100, tpm=10_000, tokens=10)).allowed
-        await lim.sync()
-        ws, req, tok = counts(redis_url, KEY)
-        assert ws == math.floor(clock.now)
-        assert (req, tok) == (7, 70)
-        r = redis_sync.Redis.from_url(redis_url)
-        # TTLs in seconds, never milliseconds: they end with the window.
-        ttls = [r.ttl(f"{{{KEY}}}:{suffix}") for suffix in ("window", "requests", "tokens")]
-        r.close()
-        assert all(0 < t <= 60 for t in ttls), ttls
+    # Leaving gives back every unspent lease, so Redis holds exactly what was admitted.
+    ws, req, tok = counts(redis_url, KEY)
+    assert ws == math.floor(clock.now)
+    assert (req, tok) == (7, 70)
+    r = redis_sync.Redis.from_url(redis_url)
+    # TTLs in seconds, never milliseconds: they end with the window.
+    ttls = [r.ttl(f"{{{KEY}}}:{suffix}") for suffix in ("window", "requests", "tokens")]
+    r.close()
+    assert all(0 < t <= 60 for t in ttls), ttls
 
 
 async def test_two_syncs_do_not_count_a_delta_twice(redis_url: str, clock: FakeClock) -> None:
@@ -117,16 +121,28 @@ async def test_denies_when_fleet_total_reaches_limit(redis_url: str, clock: Fake
 
 
 async def test_other_proxy_sees_fleet_total_after_sync(redis_url: str, clock: FakeClock) -> None:
-    async with limiter(redis_url, clock) as a, limiter(redis_url, clock) as b:
-        await a.acquire(KEY, rpm=1000)
-        await b.acquire(KEY, rpm=1000)
-        for _ in range(30):
+    async with limiter(redis_url, clock) as b:
+        async with limiter(redis_url, clock) as a:
             await a.acquire(KEY, rpm=1000)
-        await a.sync()
+            await b.acquire(KEY, rpm=1000)
+            for _ in range(30):
+                await a.acquire(KEY, rpm=1000)
         await b.sync()
-        decision = b.try_acquire(KEY, rpm=1000)
-        assert decision is not None
+        decision = await b.acquire(KEY, rpm=1000)
+        # b's own unspent lease is capacity of its own, so only admissions count against it.
         assert decision.remaining == 1000 - 33
+
+
+async def test_leases_are_counted_in_redis_and_given_back(redis_url: str, clock: FakeClock) -> None:
+    """Local spending is reserved in Redis first, so any proxy's exact check sees it."""
+    async with limiter(redis_url, clock) as lim:
+        await lim.acquire(KEY, rpm=100)
+        reserved = counts(redis_url, KEY)[1]
+        assert reserved > 1
+        for _ in range(reserved - 1):
+            assert lim.try_acquire(KEY, rpm=100) is not None
+        assert counts(redis_url, KEY)[1] == reserved
+    assert counts(redis_url, KEY)[1] == reserved
 
 
 async def test_denied_requests_charge_nothing(redis_url: str, clock: FakeClock) -> None:
@@ -154,10 +170,8 @@ async def test_token_estimate_is_corrected_after_the_call(redis_url: str, clock:
         assert (await lim.acquire(KEY, tpm=1000, tokens=300)).allowed
         lim.record(KEY, tokens=-120)
         await lim.sync()
-        assert counts(redis_url, KEY)[2] == 180
         lim.record(KEY, tokens=50)
-        await lim.sync()
-        assert counts(redis_url, KEY)[2] == 230
+    assert counts(redis_url, KEY)[2] == 230
 
 
 async def test_token_limit_denies_an_estimate_that_does_not_fit(
@@ -177,10 +191,8 @@ async def test_delta_of_an_ended_window_is_dropped(redis_url: str, clock: FakeCl
             await lim.acquire(KEY, rpm=100)
         clock.advance(61)
         await lim.sync()
-        assert counts(redis_url, KEY)[1] == 0
         assert (await lim.acquire(KEY, rpm=100)).allowed
-        await lim.sync()
-        ws, req, _ = counts(redis_url, KEY)
+    ws, req, _ = counts(redis_url, KEY)
     assert (ws, req) == (math.floor(clock.now), 1)
 
 
@@ -211,8 +223,9 @@ async def test_deltas_survive_a_failed_sync(clock: FakeClock) -> None:
     server = RedisServer().start()
     try:
         async with limiter(server.url, clock, redis_timeout=0.5) as lim:
+            # No limits: every charge waits in the table for the sync (nothing is leased).
             for _ in range(6):
-                await lim.acquire(KEY, rpm=100)
+                await lim.acquire(KEY)
             server.stop()
             await lim.sync()
             assert lim.stats()["degraded"]

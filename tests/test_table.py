@@ -34,8 +34,10 @@ ops = st.one_of(
         st.integers(0, 3),
         st.integers(0, 120),
         st.integers(0, 500),
+        st.integers(0, 6),
+        st.integers(0, 60),
     ),
-    st.tuples(st.just("drain")),
+    st.tuples(st.just("drain"), st.integers(1, 3)),
     st.tuples(st.just("take"), st.sampled_from(SCOPES)),
     st.tuples(st.just("record"), st.sampled_from(SCOPES), st.integers(-50, 50)),
     st.tuples(st.just("advance"), st.floats(0.0, 6.0)),
@@ -63,18 +65,14 @@ def test_native_table_matches_reference(program: list[tuple[object, ...]]) -> No
             assert got[:4] == want[:4], (op, got, want)
             assert math.isclose(got[4], want[4], abs_tol=1e-6)
         elif kind == "apply":
-            _, scope, back, req, tok = op
+            _, scope, back, req, tok, lease_r, lease_t = op
             ws = math.floor(now) - back  # type: ignore[operator]
-            assert native.apply(scope, ws, req, tok, now, WINDOW) == model.apply(
-                scope,
-                ws,
-                req,
-                tok,
-                now,
-                WINDOW,  # type: ignore[arg-type]
-            )
+            args = (scope, ws, req, tok, now, WINDOW, lease_r, lease_t)
+            assert native.apply(*args) == model.apply(*args)  # type: ignore[arg-type]
         elif kind == "drain":
-            assert sorted(native.drain()) == sorted(model.drain())
+            idle = op[1]
+            drained = sorted(native.drain(now, WINDOW, idle))  # type: ignore[arg-type]
+            assert drained == sorted(model.drain(now, WINDOW, idle)), op  # type: ignore[arg-type]
         elif kind == "take":
             got_t = native.take(op[1])  # type: ignore[arg-type]
             assert got_t == model.take(op[1])  # type: ignore[arg-type]
@@ -94,13 +92,13 @@ def test_native_table_matches_reference(program: list[tuple[object, ...]]) -> No
         assert native.restore(scope, ws, req, tok, now, WINDOW) == model.restore(
             scope, ws, req, tok, now, WINDOW
         )
-    assert sorted(native.drain()) == sorted(model.drain())
+    assert sorted(native.drain(now, WINDOW, 1)) == sorted(model.drain(now, WINDOW, 1))
 
 
 def test_full_table_of_active_scopes_rejects_new_ones() -> None:
     table = _native.Table(4, 1)
     for i in range(4):
-        assert table.apply(f"user:{i}", START, 0, 0, START + 1.0, WINDOW)
+        assert table.apply(f"user:{i}", START, 0, 0, START + 1.0, WINDOW, 5)
         assert table.check_one(f"user:{i}", 10, 0, 0, START + 1.0, WINDOW, 1)[0] == _native.ADMITTED
     assert not table.apply("user:new", START, 0, 0, START + 1.0, WINDOW)
     assert table.stats()["rejected"] == 1
@@ -111,8 +109,9 @@ def test_full_table_evicts_a_synced_scope_first() -> None:
     table = _native.Table(4, 1)
     for i in range(4):
         table.apply(f"user:{i}", START, 0, 0, START + 1.0, WINDOW)
+    table.apply("user:0", START, 5, 0, START + 1.0, WINDOW, 5)
     table.check_one("user:0", 10, 0, 0, START + 1.0, WINDOW, 1)
-    table.drain()  # user:0 has an in-flight delta; the untouched others go idle
+    table.drain(START + 1.0, WINDOW, 1)  # user:0 has a delta in flight; the others go idle
     assert table.apply("user:new", START, 0, 0, START + 1.0, WINDOW)
     assert table.stats()["evictions"] == 1
     assert table.take("user:0") is not None
@@ -123,8 +122,7 @@ def test_flood_of_scopes_stays_within_max_scopes() -> None:
     for i in range(100_000):
         table.apply(f"end_user:{i}", START, 1, 1, START + 1.0, WINDOW)
         if i % 1000 == 999:
-            table.drain()
-            table.drain()
+            table.drain(START + 1.0, WINDOW, 1)
     assert len(table) <= 10_000
     assert table.stats()["evictions"] >= 90_000
     assert table.stats()["memory_bytes"] < 10_000 * 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from . import _native, _validate
-from ._errors import InvalidTypeError, RedisUnavailableError
+from ._errors import InvalidArgumentError, InvalidTypeError, RedisUnavailableError
 from ._redis import Call, Delta, RedisBackend, Reply, redact
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ _POLICIES = ("local", "allow", "deny")
 # a call well under a millisecond of Redis time.
 _DEFAULT_BATCH = 500
 _EVICT_BUDGET = 4096
+# Requests' worth of lease a cold scope or an exact check asks for; the share cap (what remains
+# / proxies) keeps it small near a limit.
+_FIRST_LEASE = 4
 # Batches per sync round trip: about 2,000 scopes, some 70 ms of work on a small machine.
 _SYNC_BATCHES = 4
 
@@ -94,6 +98,8 @@ class TieredLimiter:
             estimated from its replies. Tests inject one to roll windows over without waiting.
         proxy_id: This process's name in the fleet's heartbeat set.
         shards: Independently locked parts of the in-memory table (a power of two).
+        idle_release: Seconds a scope may go unused and keep the small lease that lets its
+            next request skip Redis; after that, the lease goes back to the fleet.
 
     Raises:
         InvalidArgumentError: An argument has an unusable value (the message names it).
@@ -114,14 +120,17 @@ class TieredLimiter:
         clock: Callable[[], float] | None = None,
         proxy_id: str | None = None,
         shards: int = 64,
+        idle_release: float = 5.0,
     ) -> None:
         self._window = _validate.positive_int(window, "window", maximum=86_400 * 366)
         self._interval = _validate.positive_seconds(sync_interval, "sync_interval")
         if self._interval >= self._window:
-            raise _validate.InvalidArgumentError(
+            raise InvalidArgumentError(
                 f"sync_interval must be shorter than window ({self._window} s), got {sync_interval}"
             )
         self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
+        idle = _validate.positive_seconds(idle_release, "idle_release")
+        self._idle_drains = max(1, math.ceil(idle / self._interval))
         self._policy = _validate.choice(on_redis_down, "on_redis_down", _POLICIES)
         self._batch = _validate.positive_int(batch_size, "batch_size", maximum=100_000)
         _validate.positive_int(max_scopes, "max_scopes", maximum=2**31)
@@ -131,7 +140,7 @@ class TieredLimiter:
             raise InvalidTypeError(f"clock must be callable, got {type(clock).__name__}")
         _validate.positive_int(shards, "shards", maximum=1024)
         if shards & (shards - 1):
-            raise _validate.InvalidArgumentError(f"shards must be a power of two, got {shards}")
+            raise InvalidArgumentError(f"shards must be a power of two, got {shards}")
         self._table = _native.Table(max_scopes, shards)
         self._clock = clock
         self._offset = 0.0
@@ -152,7 +161,6 @@ class TieredLimiter:
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
-        self._synced: asyncio.Future[None] | None = None
         self._counts = {
             "syncs": 0,
             "redis_errors": 0,
@@ -340,7 +348,7 @@ class TieredLimiter:
             if result[0] != _LOAD:
                 break
             try:
-                await self._load(backend, scopes)
+                await self._load(backend, scopes, rpms, tpms, tokens)
             except _ScopesFailedError:
                 return self._fallback(scopes, rpms, tpms, tokens)
             except _Errors as exc:
@@ -351,8 +359,15 @@ class TieredLimiter:
             return self._fallback(scopes, rpms, tpms, tokens)
         return await self._exact(backend, scopes, rpms, tpms, tokens)
 
-    async def _load(self, backend: RedisBackend, scopes: list[str]) -> None:
-        """Read scopes from Redis; concurrent requests for one scope share one read."""
+    async def _load(
+        self,
+        backend: RedisBackend,
+        scopes: list[str],
+        rpms: list[int],
+        tpms: list[int],
+        tokens: int,
+    ) -> None:
+        """Read scopes from Redis, with a first lease; concurrent requests share one read."""
         waiting = [self._loading[s] for s in scopes if s in self._loading]
         fresh = [s for s in dict.fromkeys(scopes) if s not in self._loading]
         if fresh:
@@ -361,8 +376,10 @@ class TieredLimiter:
                 self._loading[s] = future
             try:
                 started = time.time()
+                limits = {s: (r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)}
+                calls = [Call(s, *limits[s], *_lease_wanted(*limits[s], tokens)) for s in fresh]
                 replies = await asyncio.wait_for(
-                    backend.read(fresh, batch_size=self._batch), self._timeout
+                    backend.read(calls, batch_size=self._batch), self._timeout
                 )
                 self._counts["loads"] += 1
                 self._apply(replies, started)
@@ -392,56 +409,23 @@ class TieredLimiter:
     ) -> Decision:
         """Check and charge atomically in Redis, pushing these scopes' pending deltas first.
 
-        Other proxies may hold admissions they have not pushed yet, up to their share of what
-        remained; the check keeps that much back. A denial that comes only from what was kept
-        back waits for this proxy's next sync (within `redis_timeout`) and is checked again.
+        Every proxy's local spending is already in Redis as leases, so the check is exact; an
+        admitted request also brings a new lease for the requests that follow.
         """
-        deadline = time.monotonic() + self._timeout
-        while True:
-            taken = [self._table.take(s) for s in scopes]
-            calls = [
-                Call(s, r, t, *self._kept_back(s, r, t), *(d if d is not None else (0, 0, 0)))
-                for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
-            ]
-            started = time.time()
-            try:
-                reply = await asyncio.wait_for(
-                    backend.acquire(calls, tokens), max(deadline - time.monotonic(), 0.001)
-                )
-            except _Errors as exc:
-                self._restore(
-                    [(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None]
-                )
-                self._redis_failed(exc)
-                return self._fallback(scopes, rpms, tpms, tokens)
-
-            if reply.allowed or reply.hard or reply.failed:
-                break
-            self._apply([reply], started)
-            try:
-                await asyncio.wait_for(
-                    asyncio.shield(self._next_sync()), deadline - time.monotonic()
-                )
-            except (asyncio.TimeoutError, ValueError):
-                break
+        taken = [self._table.take(s) for s in scopes]
+        calls = [
+            Call(s, r, t, *_lease_wanted(r, t, tokens), *(d if d is not None else (0, 0, 0)))
+            for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
+        ]
+        started = time.time()
+        try:
+            reply = await asyncio.wait_for(backend.acquire(calls, tokens), self._timeout)
+        except _Errors as exc:
+            self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
+            self._redis_failed(exc)
+            return self._fallback(scopes, rpms, tpms, tokens)
 
         return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, started)
-
-    def _kept_back(self, scope: str, rpm: int, tpm: int) -> tuple[int, int]:
-        """What the other proxies may have admitted and not pushed: their shares of the rest."""
-        others = self._proxies - 1
-        totals = self._table.totals(scope)
-        if not others or totals is None:
-            return 0, 0
-        _, g_req, g_tok = totals
-        keep_req = others * max(0, rpm - g_req) // self._proxies if rpm else 0
-        keep_tok = others * max(0, tpm - g_tok) // self._proxies if tpm else 0
-        return keep_req, keep_tok
-
-    def _next_sync(self) -> asyncio.Future[None]:
-        if self._synced is None or self._synced.done():
-            self._synced = asyncio.get_running_loop().create_future()
-        return self._synced
 
     def _exact_reply(
         self,
@@ -489,7 +473,14 @@ class TieredLimiter:
         for reply in replies:
             for t in reply.totals:
                 if t.window_start and not self._table.apply(
-                    t.scope, t.window_start, t.requests, t.tokens, now, self._window
+                    t.scope,
+                    t.window_start,
+                    t.requests,
+                    t.tokens,
+                    now,
+                    self._window,
+                    t.lease_requests,
+                    t.lease_tokens,
                 ):
                     logger.debug("table full of unsynced scopes; a scope stays untracked")
 
@@ -498,9 +489,10 @@ class TieredLimiter:
             self._offset = replies[-1].redis_now - (started + time.time()) / 2
         return self._now()
 
-    def _restore(self, deltas: Sequence[Delta]) -> None:
+    def _restore(self, deltas: Sequence[Delta | tuple[Any, ...]]) -> None:
+        """Give back deltas that did not reach Redis (a drain's extra fields are ignored)."""
         now = self._now()
-        for scope, window_start, requests, tokens in deltas:
+        for scope, window_start, requests, tokens, *_ in deltas:
             if not self._table.restore(scope, window_start, requests, tokens, now, self._window):
                 self._counts["dropped_deltas"] += 1
 
@@ -555,7 +547,8 @@ class TieredLimiter:
                 self._redis_failed(exc)
                 return
 
-        deltas = self._table.drain()
+        idle = 0 if leaving else self._idle_drains
+        deltas = self._table.drain(self._now(), self._window, idle)
         # A round trip carries at most _SYNC_BATCHES batches, so that a backlog (after an
         # outage, or more active scopes than one sync pushes in redis_timeout) is pushed in
         # steps that each fit the timeout, instead of timing out, being given back and pushed
@@ -565,7 +558,10 @@ class TieredLimiter:
         proxies = self._proxies
         for first in range(0, max(len(deltas), 1), step):
             chunk = deltas[first : first + step]
-            calls = [Call(s, window_start=ws, requests=r, tokens=t) for s, ws, r, t in chunk]
+            calls = [
+                Call(s, rpm, tpm, want_r, want_t, ws, r, t)
+                for s, ws, r, t, want_r, want_t, rpm, tpm in chunk
+            ]
             started = time.time()
             try:
                 chunk_replies, proxies = await asyncio.wait_for(
@@ -594,10 +590,8 @@ class TieredLimiter:
             self._scopes_failed(len(failed))
         else:
             self._error_kinds.clear()
-        self._proxies = max(1, proxies)
+        self._proxies = backend.proxies = max(1, proxies)
         self._counts["syncs"] += 1
-        if self._synced is not None and not self._synced.done():
-            self._synced.set_result(None)
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
 
 
@@ -609,6 +603,14 @@ def _error_kind(exc: BaseException) -> str:
         if code.isupper() and code.isalpha():
             kind = f"{kind} {code}"
     return kind
+
+
+def _lease_wanted(rpm: int, tpm: int, tokens: int) -> tuple[int, int]:
+    """The lease a load or an exact check asks for: a few requests' worth, where limited.
+
+    Later syncs size each lease by what the scope used in the last interval.
+    """
+    return (_FIRST_LEASE if rpm else 0, _FIRST_LEASE * max(tokens, 1) if tpm else 0)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -623,7 +625,7 @@ def _unpack(limits: Sequence[Limit]) -> tuple[list[str], list[int], list[int]]:
     if isinstance(limits, (str, bytes)) or not hasattr(limits, "__iter__"):
         raise InvalidTypeError(f"limits must be a sequence of Limit, got {type(limits).__name__}")
     if not limits:
-        raise _validate.InvalidArgumentError("limits must name at least one scope, got none")
+        raise InvalidArgumentError("limits must name at least one scope, got none")
     scopes: list[str] = []
     rpms: list[int] = []
     tpms: list[int] = []

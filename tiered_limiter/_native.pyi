@@ -25,7 +25,7 @@ DENIED: Final[int]
 LOAD: Final[int]
 """Outcome: a scope is unknown, its window has ended, or its state is stale; read it from Redis."""
 EXACT: Final[int]
-"""Outcome: a scope is near its limit or this process spent its share; ask Redis atomically."""
+"""Outcome: this process holds no lease for a scope (its share is spent); ask Redis atomically."""
 
 @final
 class Table:
@@ -106,18 +106,24 @@ class Table:
             the correction to Redis itself, or drops it when the window has ended.
         """
 
-    def drain(self) -> list[tuple[str, int, int, int]]:
-        """Take every pending delta, leaving zero behind.
+    def drain(
+        self, now: float, window: int, idle_drains: int
+    ) -> list[tuple[str, int, int, int, int, int, int, int]]:
+        """Settle every active scope for a sync, leaving its lease in place.
 
-        Scopes that took no charge since the previous drain stop being active.
+        A scope's pending delta is positive for charges made without a lease and negative
+        for the lease it still holds (capacity Redis already counts as this proxy's). Each
+        scope keeps a lease of twice what it used since the previous drain (at least one
+        request's worth while used recently), gives back the rest, and asks for the
+        difference. A scope untouched for `idle_drains` drains in a row gives back its whole
+        lease and, once nothing is left, stops being active (stale). Scopes whose window has
+        ended are dropped.
 
         Returns:
-            `(scope, window_start, requests, tokens)` for each scope with a non-zero delta.
+            `(scope, window_start, requests, tokens, want_requests, want_tokens, rpm, tpm)` for
+            each scope with something to push or a lease to ask for: the signed delta to add
+            in Redis, the extra lease wanted, and the limits of its last charge.
         """
-
-    def totals(self, scope: str) -> tuple[int, int, int] | None:
-        """A scope's fleet totals as Redis last returned them, `(window_start, requests,
-        tokens)`, or None when the scope is not tracked."""
 
     def take(self, scope: str) -> tuple[int, int, int] | None:
         """Take one scope's pending delta, as `(window_start, requests, tokens)`, or None."""
@@ -132,14 +138,23 @@ class Table:
         """
 
     def apply(
-        self, scope: str, window_start: int, requests: int, tokens: int, now: float, window: int
+        self,
+        scope: str,
+        window_start: int,
+        requests: int,
+        tokens: int,
+        now: float,
+        window: int,
+        lease_requests: int | None = None,
+        lease_tokens: int | None = None,
     ) -> bool:
         """Set a scope's fleet totals as Redis returned them, inserting the scope if needed.
 
-        A newer window start than the table's resets the scope and drops the pending deltas
-        of the ended window. The fleet's increase since the previous apply is kept as the
-        scope's rate, which decides when the scope is near its limit. The scope counts as fresh
-        until it has been idle for a whole drain interval.
+        `lease_*` is what Redis just reserved for this proxy (already inside the totals); it
+        becomes spendable here. A reply about a window that has ended is ignored. Redis's open
+        window replaces the table's, and the pending deltas survive unless the table's window
+        has ended. The scope counts as fresh until it has been idle long enough to be dropped
+        from the active set.
 
         Returns:
             False when the scope could not be tracked (the table is full of unsynced scopes).

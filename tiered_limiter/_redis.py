@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -20,7 +20,9 @@ Delta = tuple[str, int, int, int]
 
 
 def _script(name: str) -> str:
-    return resources.files(__package__).joinpath("scripts", name).read_text(encoding="utf-8")
+    return (
+        resources.files(__package__).joinpath("scripts").joinpath(name).read_text(encoding="utf-8")
+    )
 
 
 def _sha1(source: str) -> str:
@@ -34,50 +36,54 @@ Command = tuple[str, list[str], list[Any]]
 def redact(url: str) -> str:
     """Return `url` with any user name and password removed, fit for logs and exceptions."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    # redis-py also takes credentials from the query string (`?password=...`).
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    kept = [(k, v) for k, v in query if k.lower() not in ("password", "username")]
+    if parts.username is None and parts.password is None and len(kept) == len(query):
         return url
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, host, parts.path, urlencode(kept), parts.fragment))
 
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """One scope's fleet totals as a script returned them; `window_start` 0 means no window."""
+    """One scope's fleet totals as a script returned them; `window_start` 0 means no window.
+
+    The totals include every proxy's outstanding lease; `lease_*` is what the script just
+    reserved for this proxy.
+    """
 
     scope: str
     window_start: int
     requests: int
     tokens: int
+    lease_requests: int = 0
+    lease_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What one script call returned.
-
-    `hard` is False when a denial came only from what was kept back for other proxies'
-    unsynced admissions, which their next syncs settle.
-    """
+    """What one script call returned."""
 
     allowed: bool
     denied_index: int
     redis_now: float
     totals: list[Totals]
-    hard: bool = True
     failed: tuple[str, ...] = ()
     """Scopes whose keys hold another type (WRONGTYPE): unchanged, their totals zero."""
 
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One scope's part of a script call: limits, what to keep back, the delta pushed with it."""
+    """One scope's part of a script call: limits, the lease wanted, the delta pushed with it."""
 
     scope: str
     rpm: int = 0
     tpm: int = 0
-    keep_requests: int = 0
-    keep_tokens: int = 0
+    want_requests: int = 0
+    want_tokens: int = 0
     window_start: int = 0
     requests: int = 0
     tokens: int = 0
@@ -110,6 +116,8 @@ class RedisBackend:
         self._sources = {"limiter": _script("limiter.lua"), "heartbeat": _script("heartbeat.lua")}
         self._shas = {name: _sha1(source) for name, source in self._sources.items()}
         self._proxies_key = f"{self._prefix}{{tiered_limiter:proxies}}"
+        self.proxies = 1
+        """Live proxies, which share what remains of each limit when leases are granted."""
         self.round_trips = 0
         self.commands = 0
 
@@ -139,15 +147,15 @@ class RedisBackend:
         self, calls: Sequence[Call], *, check: bool, tokens: int
     ) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [self._window, self._now_arg(), 1 if check else 0, tokens]
+        args: list[Any] = [self._window, self._now_arg(), 1 if check else 0, tokens, self.proxies]
         for call in calls:
             keys.extend(self.keys(call.scope))
             args.extend(
                 (
                     call.rpm,
                     call.tpm,
-                    call.keep_requests,
-                    call.keep_tokens,
+                    call.want_requests,
+                    call.want_tokens,
                     call.window_start,
                     call.requests,
                     call.tokens,
@@ -158,13 +166,16 @@ class RedisBackend:
     @staticmethod
     def _parse(calls: Sequence[Call], raw: Sequence[Any]) -> Reply:
         values = [int(v) for v in raw]
+        per_scope = [values[4 + 5 * i : 9 + 5 * i] for i in range(len(calls))]
         totals = [
-            Totals(call.scope, max(0, values[5 + 3 * i]), values[6 + 3 * i], values[7 + 3 * i])
-            for i, call in enumerate(calls)
+            Totals(call.scope, max(0, ws), requests, tokens, lease_req, lease_tok)
+            for call, (ws, requests, tokens, lease_req, lease_tok) in zip(
+                calls, per_scope, strict=True
+            )
         ]
-        failed = tuple(call.scope for i, call in enumerate(calls) if values[5 + 3 * i] < 0)
+        failed = tuple(call.scope for call, v in zip(calls, per_scope, strict=True) if v[0] < 0)
         now = values[2] + values[3] / 1e6
-        return Reply(bool(values[0]), values[1] - 1, now, totals, bool(values[4]), failed)
+        return Reply(bool(values[0]), values[1] - 1, now, totals, failed)
 
     async def _run(self, commands: list[Command]) -> list[Any]:
         """Run script calls in one pipeline, loading scripts a restarted Redis forgot.
@@ -232,9 +243,9 @@ class RedisBackend:
         replies = [self._parse(group, raw) for group, raw in zip(groups, results, strict=False)]
         return replies, int(results[-1])
 
-    async def read(self, scopes: Sequence[str], *, batch_size: int) -> list[Reply]:
-        """Read cold scopes, opening a window where none is open, in one round trip."""
-        groups = self._groups([Call(scope) for scope in scopes], batch_size)
+    async def read(self, calls: Sequence[Call], *, batch_size: int) -> list[Reply]:
+        """Read cold scopes and lease them, opening a window where none is open, in one trip."""
+        groups = self._groups(calls, batch_size)
         results = await self._run(
             [("limiter", *self._args(g, check=False, tokens=0)) for g in groups]
         )
@@ -255,7 +266,7 @@ class RedisBackend:
                 await self._refund(charged, tokens)
                 offset = sum(len(r.totals) for r in charged)
                 index = offset + reply.denied_index if reply.denied_index >= 0 else -1
-                return Reply(False, index, reply.redis_now, reply.totals, reply.hard, reply.failed)
+                return Reply(False, index, reply.redis_now, reply.totals, reply.failed)
             charged.append(reply)
 
         totals = [t for reply in charged for t in reply.totals]
@@ -263,7 +274,12 @@ class RedisBackend:
 
     async def _refund(self, charged: list[Reply], tokens: int) -> None:
         refunds = [
-            Call(t.scope, window_start=t.window_start, requests=-1, tokens=-tokens)
+            Call(
+                t.scope,
+                window_start=t.window_start,
+                requests=-1 - t.lease_requests,
+                tokens=-tokens - t.lease_tokens,
+            )
             for reply in charged
             for t in reply.totals
         ]

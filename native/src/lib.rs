@@ -19,7 +19,7 @@ use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use smallvec::SmallVec;
 
-use crate::table::{ConfigError, Decision, Request, ScopeLimit, Table, MAX_SCOPES};
+use crate::table::{ConfigError, Decision, Request, ScopeLimit, Table, Totals, MAX_SCOPES};
 
 /// The five values `check` returns to Python.
 type CheckResult = (i32, i64, i64, i64, f64);
@@ -291,24 +291,36 @@ impl PyTable {
         })
     }
 
-    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+        idle_drains: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
         guarded("drain", || {
-            let deltas = self.inner.drain();
+            let now = now_arg(now)?;
+            let window = window_arg(window)?;
+            let idle = u32_arg(idle_drains, "idle_drains")?;
+            let deltas = self.inner.drain(now, window, idle);
             PyList::new(
                 py,
-                deltas
-                    .iter()
-                    .map(|d| (&*d.scope, d.window_start, d.requests, d.tokens)),
+                deltas.iter().map(|d| {
+                    (
+                        &*d.scope,
+                        d.window_start,
+                        d.requests,
+                        d.tokens,
+                        d.want_requests,
+                        d.want_tokens,
+                        d.rpm,
+                        d.tpm,
+                    )
+                }),
             )
         })
     }
 
-    fn totals(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, u32, u32)>> {
-        guarded("totals", || {
-            let name = str_arg(scope, "scope")?;
-            Ok(self.inner.totals(&name))
-        })
-    }
 
     fn take(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, i64, i64)>> {
         guarded("take", || {
@@ -341,6 +353,8 @@ impl PyTable {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (scope, window_start, requests, tokens, now, window, lease_requests=None, lease_tokens=None))]
     fn apply(
         &self,
         scope: &Bound<'_, PyAny>,
@@ -349,19 +363,24 @@ impl PyTable {
         tokens: &Bound<'_, PyAny>,
         now: &Bound<'_, PyAny>,
         window: &Bound<'_, PyAny>,
+        lease_requests: Option<&Bound<'_, PyAny>>,
+        lease_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         guarded("apply", || {
             let name = str_arg(scope, "scope")?;
-            let window_start = u32_arg(window_start, "window_start")?;
-            let requests = u32_arg(requests, "requests")?;
-            let tokens = u32_arg(tokens, "tokens")?;
+            let totals = Totals {
+                window_start: u32_arg(window_start, "window_start")?,
+                requests: u32_arg(requests, "requests")?,
+                tokens: u32_arg(tokens, "tokens")?,
+                lease_requests: lease_requests.map_or(Ok(0), |v| u32_arg(v, "lease_requests"))?,
+                lease_tokens: lease_tokens.map_or(Ok(0), |v| u32_arg(v, "lease_tokens"))?,
+            };
             let now = now_arg(now)?;
             let window = window_arg(window)?;
-            Ok(self
-                .inner
-                .apply(&name, window_start, requests, tokens, now, window))
+            Ok(self.inner.apply(&name, &totals, now, window))
         })
     }
+
 
     fn evict(
         &self,

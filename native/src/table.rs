@@ -22,7 +22,9 @@
 #![forbid(unsafe_code)]
 
 use std::hash::Hasher;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -118,13 +120,32 @@ pub struct Request {
     pub offline: bool,
 }
 
-/// One pending delta taken by `Table::drain`.
+/// A scope's totals as a Redis script returned them, with the lease it reserved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub window_start: u32,
+    /// Fleet totals, every proxy's outstanding lease included.
+    pub requests: u32,
+    pub tokens: u32,
+    /// What Redis reserved for this proxy to spend locally.
+    pub lease_requests: u32,
+    pub lease_tokens: u32,
+}
+
+/// One scope's part of a sync, taken by `Table::drain`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delta {
     pub scope: Arc<str>,
     pub window_start: u32,
+    /// To add to Redis: charges made without a lease, minus lease given back (signed).
     pub requests: i64,
     pub tokens: i64,
+    /// The lease to ask for on top of what this proxy still holds.
+    pub want_requests: u32,
+    pub want_tokens: u32,
+    /// The limits of the scope's last charge, which cap the lease.
+    pub rpm: u32,
+    pub tpm: u32,
 }
 
 /// Counters reported by `Table::stats`.
@@ -198,14 +219,15 @@ struct Record {
     name: Option<Arc<str>>,
     pend_req: AtomicI64,
     pend_tok: AtomicI64,
-    /// Fleet increase between the last two applies of the same window.
-    rate_req: u32,
-    rate_tok: u32,
-    /// What this process charged in the interval the last drain closed. Other proxies'
-    /// charges reach this table only after both sides sync, so the check assumes each of them
-    /// spent as much as this one did when it judges how close the scope is to its limit.
-    own_req: u32,
-    own_tok: u32,
+    /// What this process charged since the last drain; sizes the next lease.
+    used_req: AtomicI64,
+    used_tok: AtomicI64,
+    /// The limits and token estimate of the last charge, for the lease the sync asks for.
+    lim_req: AtomicU32,
+    lim_tok: AtomicU32,
+    last_tokens: AtomicU32,
+    /// Drains in a row that found the scope untouched.
+    idle: u32,
     /// Index of the owning entry.
     entry: u32,
     /// Set by apply; false on a record created by a charge on a stale scope.
@@ -589,6 +611,24 @@ enum Found {
     },
 }
 
+/// Settles one kind of a record's pending delta at a drain against the lease it wants next:
+/// returns what to push to Redis (charges made without a lease, minus lease given back) and
+/// what lease to ask for on top of what it keeps. The pending delta becomes minus the lease
+/// kept.
+fn settle(pend: &mut i64, want: i64) -> (i64, i64) {
+    let (mut push, mut held) = if *pend > 0 { (*pend, 0) } else { (0, -*pend) };
+    if held > want {
+        push -= held - want;
+        held = want;
+    }
+    *pend = -held;
+    (push, want - held)
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    v.clamp(0, i64::from(u32::MAX)) as u32
+}
+
 /// The rules of one scope, given its entry, its record and a pending delta to judge.
 fn judge(
     entry: &Entry,
@@ -625,23 +665,25 @@ fn judge(
         };
     }
 
-    let stale = record.is_none_or(|r| !r.fresh);
-    if stale && record.is_some() && pend_req != 0 {
-        return Verdict::Load;
+    // A scope idle long enough to have lost its record gets one charge on trust, which the
+    // next sync pushes; a second one waits for Redis.
+    if record.is_none_or(|r| !r.fresh) {
+        return if record.is_some() && pend_req != 0 {
+            Verdict::Load
+        } else {
+            Verdict::Ok
+        };
     }
 
-    let (fleet_req, fleet_tok) = record.map_or((0, 0), |r| {
-        (
-            i64::from(r.rate_req).max(proxies * i64::from(r.own_req)),
-            i64::from(r.rate_tok).max(proxies * i64::from(r.own_tok)),
-        )
-    });
-    let near_req = lr > 0 && lr - g_req <= 2 * fleet_req;
-    let near_tok = lt > 0 && lt - g_tok <= 2 * fleet_tok;
-    if near_req || near_tok || spent_req || spent_tok {
-        return Verdict::Exact;
+    // A fresh scope admits only within its lease: a negative pending delta is capacity that
+    // Redis already counts as this proxy's, so spending it cannot overshoot the fleet.
+    let leased_req = lr == 0 || pend_req.saturating_add(1) <= 0;
+    let leased_tok = lt == 0 || pend_tok.saturating_add(t) <= 0;
+    if leased_req && leased_tok {
+        Verdict::Ok
+    } else {
+        Verdict::Exact
     }
-    Verdict::Ok
 }
 
 fn look(shard: &Shard, geo: Geometry, h: &Hashed, lim: &ScopeLimit<'_>, req: &Request) -> Found {
@@ -712,6 +754,11 @@ fn charge(
         }
     }
     record.touched.store(true, Relaxed);
+    add_saturating(&record.used_req, 1);
+    add_saturating(&record.used_tok, t);
+    record.lim_req.store(lim.rpm, Relaxed);
+    record.lim_tok.store(lim.tpm, Relaxed);
+    record.last_tokens.store(req.tokens, Relaxed);
 
     let seen_req = i64::from(entry.g_req).saturating_add(pr).saturating_add(1);
     let seen_tok = i64::from(entry.g_tok).saturating_add(pt).saturating_add(t);
@@ -959,7 +1006,6 @@ impl Table {
                 if let Some(r) = shard.records.get_mut(active as usize) {
                     *r.pend_req.get_mut() = 0;
                     *r.pend_tok.get_mut() = 0;
-                    (r.rate_req, r.rate_tok, r.own_req, r.own_tok) = (0, 0, 0, 0);
                 }
                 true
             }
@@ -1017,6 +1063,8 @@ impl Table {
                 let record = &view[s].records[ri];
                 add_saturating(&record.pend_req, -1);
                 add_saturating(&record.pend_tok, -i64::from(req.tokens));
+                add_saturating(&record.used_req, -1);
+                add_saturating(&record.used_tok, -i64::from(req.tokens));
             }
             return verdict.decision(i);
         }
@@ -1032,26 +1080,21 @@ impl Table {
 
     /// Sets a scope's fleet totals as Redis returned them, inserting the scope if needed.
     /// False when the scope could not be tracked.
-    pub fn apply(
-        &self,
-        scope: &str,
-        window_start: u32,
-        requests: u32,
-        tokens: u32,
-        now: f64,
-        window: u32,
-    ) -> bool {
+    pub fn apply(&self, scope: &str, totals: &Totals, now: f64, window: u32) -> bool {
+        let Totals {
+            window_start,
+            requests,
+            tokens,
+            lease_requests,
+            lease_tokens,
+        } = *totals;
         let h = self.hash(scope);
         let mut shard = self.shard(&h).write();
-        let mut rates = (0, 0);
         let mut reset = false;
         let ei = if let Some(ei) = shard.find(self.geo, &h) {
             let entry = &mut shard.entries[ei];
             if window_start == entry.window_start {
-                rates = (
-                    requests.saturating_sub(entry.g_req),
-                    tokens.saturating_sub(entry.g_tok),
-                );
+                // Same window: the pending delta stays as it is.
             } else if now >= f64::from(window_start) + f64::from(window) {
                 // A reply about a window that has already ended is stale: keep what we have.
                 return true;
@@ -1081,41 +1124,74 @@ impl Table {
         if reset {
             *record.pend_req.get_mut() = 0;
             *record.pend_tok.get_mut() = 0;
-            (record.own_req, record.own_tok) = (0, 0);
         }
-        (record.rate_req, record.rate_tok) = rates;
+        // Redis reserved the lease inside `requests`/`tokens`; locally it is spendable
+        // capacity, kept as a negative pending delta.
+        *record.pend_req.get_mut() -= i64::from(lease_requests);
+        *record.pend_tok.get_mut() -= i64::from(lease_tokens);
         record.fresh = true;
         true
     }
 
     /// Takes every pending delta, leaving zero behind; records idle since the previous drain
     /// (untouched, nothing pending) are removed and their scopes become stale.
-    pub fn drain(&self) -> Vec<Delta> {
+    pub fn drain(&self, now: f64, window: u32, idle_drains: u32) -> Vec<Delta> {
         let mut out = Vec::new();
         for padded in &*self.shards {
             let mut shard = padded.0.write();
             let mut ri = 0;
             while ri < shard.records.len() {
+                let ended = shard.records[ri].name.is_some()
+                    && shard
+                        .entries
+                        .get(shard.records[ri].entry as usize)
+                        .is_none_or(|e| e.window_ended(now, window));
                 let record = &mut shard.records[ri];
                 ri += 1;
                 let Some(name) = record.name.clone() else {
                     continue;
                 };
+                if ended {
+                    // Redis dropped the window's counts and leases with it.
+                    shard.remove_record(ri - 1);
+                    continue;
+                }
 
-                let requests = std::mem::take(record.pend_req.get_mut());
-                let tokens = std::mem::take(record.pend_tok.get_mut());
                 let touched = std::mem::take(record.touched.get_mut());
-                record.own_req = requests.clamp(0, i64::from(u32::MAX)) as u32;
-                record.own_tok = tokens.clamp(0, i64::from(u32::MAX)) as u32;
+                record.idle = if touched { 0 } else { record.idle.saturating_add(1) };
+                let used_req = std::mem::take(record.used_req.get_mut());
+                let used_tok = std::mem::take(record.used_tok.get_mut());
+                let (rpm, tpm) = (*record.lim_req.get_mut(), *record.lim_tok.get_mut());
+                let releasing = record.idle >= idle_drains;
+                // Ask for twice what this interval used, and keep at least one request's worth
+                // while the scope is recently used, so its next request needs no Redis.
+                let want = |limit: u32, used: i64, floor: u32| -> i64 {
+                    if releasing || limit == 0 {
+                        0
+                    } else {
+                        used.max(0).saturating_mul(2).saturating_add(i64::from(floor))
+                    }
+                };
+                let want_req = want(rpm, used_req, 1);
+                let want_tok = want(tpm, used_tok, *record.last_tokens.get_mut());
+                let (push_req, top_req) = settle(record.pend_req.get_mut(), want_req);
+                let (push_tok, top_tok) = settle(record.pend_tok.get_mut(), want_tok);
+
                 let entry = record.entry as usize;
-                if requests != 0 || tokens != 0 {
+                // A scope used in the closing interval is synced even with nothing to push,
+                // so that it reads the fleet's totals back.
+                if touched || push_req != 0 || push_tok != 0 || top_req != 0 || top_tok != 0 {
                     out.push(Delta {
                         scope: name,
                         window_start: shard.entries.get(entry).map_or(0, |e| e.window_start),
-                        requests,
-                        tokens,
+                        requests: push_req,
+                        tokens: push_tok,
+                        want_requests: clamp_u32(top_req),
+                        want_tokens: clamp_u32(top_tok),
+                        rpm,
+                        tpm,
                     });
-                } else if !touched {
+                } else if releasing {
                     shard.remove_record(ri - 1);
                 }
             }
@@ -1123,13 +1199,6 @@ impl Table {
         out
     }
 
-    /// One scope's fleet totals as Redis last returned them: `(window_start, requests, tokens)`.
-    pub fn totals(&self, scope: &str) -> Option<(u32, u32, u32)> {
-        let h = self.hash(scope);
-        let shard = self.shard(&h).read();
-        let entry = &shard.entries[shard.find(self.geo, &h)?];
-        Some((entry.window_start, entry.g_req, entry.g_tok))
-    }
 
     /// Takes one scope's pending delta as `(window_start, requests, tokens)`.
     pub fn take(&self, scope: &str) -> Option<(u32, i64, i64)> {

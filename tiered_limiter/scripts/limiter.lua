@@ -7,9 +7,13 @@
 -- one ended and lasts `window` seconds; opening one deletes the scope's counters.
 --
 -- ARGV: window, now ('' means Redis TIME), check (1 = all-or-nothing check, 0 = sync), tokens,
--- then 7 per scope: rpm, tpm (0 = no limit; only read when checking), the requests and tokens
--- other proxies may have admitted locally and not pushed yet (kept back from the limit when
--- checking), and this process's pending delta (delta_window_start, requests, tokens).
+-- proxies, then 7 per scope: rpm, tpm (0 = no limit), the lease wanted (requests, tokens),
+-- and this process's pending delta (delta_window_start, requests, tokens).
+--
+-- Leases: after the charges, each scope with a limit reserves for the caller up to the lease
+-- it wants, capped at its share (what remains / proxies). The lease is added to the counters
+-- at once, so every proxy's local spending is already counted when any proxy checks here, and
+-- the fleet cannot overshoot; the caller gives back what it did not spend at a later sync.
 --
 -- Delta rules: a delta whose own window has ended is dropped, never charged to a later window;
 -- one whose window is still open is charged to the scope's open window, and when Redis has no
@@ -22,11 +26,12 @@
 -- other error (OOM, READONLY) fails the whole call, before its first write succeeds.
 --
 -- Returns: {allowed (1/0), denying scope (1-based, 0 if none), now_seconds, now_microseconds,
--- hard (1 when the denying scope is over its limit even without what was kept back), then per
--- scope: window_start, requests, tokens}, totals after every charge.
+-- then per scope: window_start, requests, tokens (totals after every charge and lease),
+-- lease_requests, lease_tokens}.
 local window = tonumber(ARGV[1])
 local check = ARGV[3] == '1'
 local cost = tonumber(ARGV[4])
+local proxies = math.max(1, tonumber(ARGV[5]))
 local now_s, now_us
 if ARGV[2] == '' then
   local t = redis.call('TIME')
@@ -77,12 +82,13 @@ end
 
 local n = #KEYS / 3
 local starts, reqs, toks = {}, {}, {}
-local denied, failed, hard = 0, 0, 0
+local denied, failed = 0, 0
+local lease_req, lease_tok = {}, {}
 local tcheck = math.max(cost, 1)
 
 local function sync_scope(i)
   local kw, kr, kt = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local base = 4 + 7 * (i - 1)
+  local base = 5 + 7 * (i - 1)
   local dws, dreq, dtok = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6]), tonumber(ARGV[base + 7])
   local ws = tonumber(redis.call('GET', kw))
   if ws and now >= ws + window then
@@ -127,14 +133,10 @@ end
 
 if check and failed == 0 then
   for i = 1, n do
-    local base = 4 + 7 * (i - 1)
+    local base = 5 + 7 * (i - 1)
     local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-    local rreq, rtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-    local over = (rpm > 0 and reqs[i] + 1 > rpm) or (tpm > 0 and toks[i] + tcheck > tpm)
-    if over or (rpm > 0 and reqs[i] + 1 + rreq > rpm)
-        or (tpm > 0 and toks[i] + tcheck + rtok > tpm) then
+    if (rpm > 0 and reqs[i] + 1 > rpm) or (tpm > 0 and toks[i] + tcheck > tpm) then
       denied = i
-      hard = over and 1 or 0
       break
     end
   end
@@ -149,10 +151,33 @@ if check and denied == 0 and failed == 0 then
   end
 end
 
-local out = {allowed, denied, now_s, now_us, hard}
+-- A lease of at most `want`, and at most this proxy's share of what remains.
+local function lease(key, total, limit, want, ends, float)
+  if limit <= 0 or want <= 0 then
+    return total, 0
+  end
+  local grant = math.min(want, math.floor(math.max(0, limit - total) / proxies))
+  return charge(key, total, grant, ends, float), grant
+end
+
+for i = 1, n do
+  lease_req[i], lease_tok[i] = 0, 0
+  if starts[i] > 0 and (allowed == 1 or not check) then
+    local base = 5 + 7 * (i - 1)
+    local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+    local wreq, wtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+    local ends = starts[i] + window
+    reqs[i], lease_req[i] = lease(KEYS[3 * i - 1], reqs[i], rpm, wreq, ends, false)
+    toks[i], lease_tok[i] = lease(KEYS[3 * i], toks[i], tpm, wtok, ends, true)
+  end
+end
+
+local out = {allowed, denied, now_s, now_us}
 for i = 1, n do
   out[#out + 1] = starts[i]
   out[#out + 1] = reqs[i]
   out[#out + 1] = toks[i]
+  out[#out + 1] = lease_req[i]
+  out[#out + 1] = lease_tok[i]
 end
 return out

@@ -1112,12 +1112,3 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
     assert_eq!(synced_req.load(Relaxed), admitted_req.load(Relaxed));
     assert_eq!(synced_tok.load(Relaxed), admitted_tok.load(Relaxed));
 }
-
-#[test]
-fn totals_are_what_redis_last_returned() {
-    let t = table();
-    assert_eq!(t.totals("u"), None);
-    assert!(t.apply("u", 100, 7, 70, 100.0, W));
-    assert_eq!(outcome(&t, "u", 100, 0, 0, 100.0), Outcome::Admitted);
-    assert_eq!(t.totals("u"), Some((100, 7, 70)));
-}
