@@ -117,8 +117,7 @@ def _bytes_per_scope(count: int = 100_000) -> float:
     table = Table(count, 64)
     for i in range(count):
         table.apply(f"api_key:{i:064x}", 1_800_000_000, 1, 100, 1_800_000_001.0, 60)
-    table.drain()
-    table.drain()
+    table.drain(1_800_000_001.0, 60, 1)
     return table.stats()["memory_bytes"] / count
 
 

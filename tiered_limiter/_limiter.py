@@ -490,9 +490,18 @@ class TieredLimiter:
         return self._now()
 
     def _restore(self, deltas: Sequence[Delta | tuple[Any, ...]]) -> None:
-        """Give back deltas that did not reach Redis (a drain's extra fields are ignored)."""
+        """Keep deltas that may not have reached Redis, to push them again.
+
+        Only charges are kept. A failed call may still have run in Redis, so a charge pushed
+        twice counts twice (the limiter then denies early), but a lease given back twice would
+        let the fleet overshoot: a give-back that may have failed stays with Redis until the
+        window ends instead.
+        """
         now = self._now()
         for scope, window_start, requests, tokens, *_ in deltas:
+            requests, tokens = max(requests, 0), max(tokens, 0)
+            if not requests and not tokens:
+                continue
             if not self._table.restore(scope, window_start, requests, tokens, now, self._window):
                 self._counts["dropped_deltas"] += 1
 

@@ -321,7 +321,6 @@ impl PyTable {
         })
     }
 
-
     fn take(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, i64, i64)>> {
         guarded("take", || {
             let name = str_arg(scope, "scope")?;
@@ -380,7 +379,6 @@ impl PyTable {
             Ok(self.inner.apply(&name, &totals, now, window))
         })
     }
-
 
     fn evict(
         &self,

@@ -1158,7 +1158,11 @@ impl Table {
                 }
 
                 let touched = std::mem::take(record.touched.get_mut());
-                record.idle = if touched { 0 } else { record.idle.saturating_add(1) };
+                record.idle = if touched {
+                    0
+                } else {
+                    record.idle.saturating_add(1)
+                };
                 let used_req = std::mem::take(record.used_req.get_mut());
                 let used_tok = std::mem::take(record.used_tok.get_mut());
                 let (rpm, tpm) = (*record.lim_req.get_mut(), *record.lim_tok.get_mut());
@@ -1169,7 +1173,9 @@ impl Table {
                     if releasing || limit == 0 {
                         0
                     } else {
-                        used.max(0).saturating_mul(2).saturating_add(i64::from(floor))
+                        used.max(0)
+                            .saturating_mul(2)
+                            .saturating_add(i64::from(floor))
                     }
                 };
                 let want_req = want(rpm, used_req, 1);
@@ -1198,7 +1204,6 @@ impl Table {
         }
         out
     }
-
 
     /// Takes one scope's pending delta as `(window_start, requests, tokens)`.
     pub fn take(&self, scope: &str) -> Option<(u32, i64, i64)> {

@@ -1,8 +1,9 @@
 //! Behaviour tests of the table: one per rule, a property test against a small reference
-//! model, exact-count concurrency tests and the eviction cap.
+//! model (a port of `tests/reference_table.py`), exact-count concurrency tests and the
+//! eviction cap.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -31,6 +32,53 @@ fn one(t: &Table, name: &str, rpm: u32, tpm: u32, req: &Request) -> Decision {
 
 fn outcome(t: &Table, name: &str, rpm: u32, tpm: u32, tokens: u32, now: f64) -> Outcome {
     one(t, name, rpm, tpm, &request(tokens, now)).outcome
+}
+
+/// Applies fleet totals with no lease.
+fn apply(t: &Table, name: &str, window_start: u32, requests: u32, tokens: u32, now: f64) -> bool {
+    let totals = Totals {
+        window_start,
+        requests,
+        tokens,
+        ..Totals::default()
+    };
+    t.apply(name, &totals, now, W)
+}
+
+/// Applies fleet totals that include a lease of `lease = (requests, tokens)` for this proxy.
+fn lease(t: &Table, name: &str, window_start: u32, lease: (u32, u32), now: f64) -> bool {
+    let totals = Totals {
+        window_start,
+        requests: lease.0,
+        tokens: lease.1,
+        lease_requests: lease.0,
+        lease_tokens: lease.1,
+    };
+    t.apply(name, &totals, now, W)
+}
+
+/// Drains with records released after one idle drain.
+fn drain(t: &Table, now: f64) -> Vec<Delta> {
+    t.drain(now, W, 1)
+}
+
+fn delta(
+    scope: &str,
+    window_start: u32,
+    push: (i64, i64),
+    want: (u32, u32),
+    limits: (u32, u32),
+) -> Delta {
+    Delta {
+        scope: scope.into(),
+        window_start,
+        requests: push.0,
+        tokens: push.1,
+        want_requests: want.0,
+        want_tokens: want.1,
+        rpm: limits.0,
+        tpm: limits.1,
+    }
 }
 
 #[test]
@@ -63,7 +111,7 @@ fn loads_a_scope_it_does_not_track() {
 #[test]
 fn loads_when_the_window_ended() {
     let t = table();
-    assert!(t.apply("user:u", 100, 1, 0, 100.0, W));
+    assert!(lease(&t, "user:u", 100, (5, 0), 100.0));
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 159.9), Outcome::Admitted);
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 160.0), Outcome::Load);
 }
@@ -71,7 +119,7 @@ fn loads_when_the_window_ended() {
 #[test]
 fn denies_when_known_total_reaches_limit() {
     let t = table();
-    assert!(t.apply("user:u", 100, 10, 0, 100.0, W));
+    assert!(apply(&t, "user:u", 100, 10, 0, 100.0));
     let d = one(&t, "user:u", 10, 0, &request(0, 130.5));
     assert_eq!(d, Decision::not_admitted(Outcome::Denied, 0, 29.5));
 }
@@ -79,7 +127,14 @@ fn denies_when_known_total_reaches_limit() {
 #[test]
 fn denies_when_known_plus_pending_reaches_limit() {
     let t = table();
-    assert!(t.apply("user:u", 100, 7, 0, 100.0, W));
+    // 7 counted by the fleet, 3 of which are this proxy's lease.
+    let totals = Totals {
+        window_start: 100,
+        requests: 10,
+        lease_requests: 3,
+        ..Totals::default()
+    };
+    assert!(t.apply("user:u", &totals, 100.0, W));
     for left in [2, 1, 0] {
         let d = one(&t, "user:u", 10, 0, &request(0, 100.0));
         assert_eq!(d.outcome, Outcome::Admitted);
@@ -92,27 +147,116 @@ fn denies_when_known_plus_pending_reaches_limit() {
 #[test]
 fn denies_a_token_estimate_that_would_pass_the_limit() {
     let t = table();
-    assert!(t.apply("user:u", 100, 0, 90, 100.0, W));
-    assert_eq!(outcome(&t, "user:u", 0, 100, 11, 100.0), Outcome::Denied);
+    let totals = Totals {
+        window_start: 100,
+        tokens: 90,
+        lease_tokens: 10,
+        ..Totals::default()
+    };
+    assert!(t.apply("user:u", &totals, 100.0, W));
+    assert_eq!(outcome(&t, "user:u", 0, 100, 21, 100.0), Outcome::Denied);
+    assert_eq!(outcome(&t, "user:u", 0, 100, 11, 100.0), Outcome::Exact);
     let d = one(&t, "user:u", 0, 100, &request(10, 100.0));
     assert_eq!(d.outcome, Outcome::Admitted);
-    assert_eq!((d.remaining_requests, d.remaining_tokens), (-1, 0));
+    assert_eq!((d.remaining_requests, d.remaining_tokens), (-1, 10));
 }
 
 #[test]
 fn zero_token_estimate_requires_strictly_below_limit() {
     let t = table();
-    assert!(t.apply("user:u", 100, 0, 99, 100.0, W));
+    assert!(apply(&t, "user:u", 100, 0, 99, 100.0));
     assert_eq!(outcome(&t, "user:u", 0, 100, 0, 100.0), Outcome::Admitted);
-    assert!(t.apply("user:u", 100, 0, 100, 100.0, W));
+    assert!(apply(&t, "user:u", 100, 0, 100, 100.0));
     assert_eq!(outcome(&t, "user:u", 0, 100, 0, 100.0), Outcome::Denied);
+}
+
+#[test]
+fn admits_locally_only_within_the_lease() {
+    let t = table();
+    // Online, the number of proxies plays no part: the lease is what this proxy may spend.
+    let req = |tokens| Request {
+        proxies: 3,
+        ..request(tokens, 100.0)
+    };
+    assert!(lease(&t, "user:u", 100, (3, 0), 100.0));
+    for _ in 0..3 {
+        assert_eq!(one(&t, "user:u", 10, 0, &req(0)).outcome, Outcome::Admitted);
+    }
+    assert_eq!(
+        one(&t, "user:u", 10, 0, &req(0)),
+        Decision::not_admitted(Outcome::Exact, 0, 0.0)
+    );
+    assert_eq!(t.take("user:u"), Some((100, 0, 0)));
+
+    assert!(lease(&t, "team:t", 100, (0, 100), 100.0));
+    assert_eq!(
+        one(&t, "team:t", 0, 1000, &req(40)).outcome,
+        Outcome::Admitted
+    );
+    assert_eq!(
+        one(&t, "team:t", 0, 1000, &req(40)).outcome,
+        Outcome::Admitted
+    );
+    assert_eq!(one(&t, "team:t", 0, 1000, &req(40)).outcome, Outcome::Exact);
+    assert_eq!(
+        one(&t, "team:t", 0, 1000, &req(20)).outcome,
+        Outcome::Admitted
+    );
+    assert_eq!(one(&t, "team:t", 0, 1000, &req(1)).outcome, Outcome::Exact);
+    assert_eq!(
+        one(&t, "team:t", 0, 1000, &req(0)).outcome,
+        Outcome::Admitted
+    );
+    // A kind without a limit needs no lease.
+    assert_eq!(one(&t, "team:t", 0, 0, &req(5)).outcome, Outcome::Admitted);
+    assert_eq!(t.take("team:t"), Some((100, 5, 5)));
+
+    // A fresh scope with no lease asks Redis for every request that has a limit.
+    assert!(apply(&t, "model:m", 100, 0, 0, 100.0));
+    assert_eq!(one(&t, "model:m", 10, 0, &req(0)).outcome, Outcome::Exact);
+    assert_eq!(one(&t, "model:m", 0, 10, &req(1)).outcome, Outcome::Exact);
+    assert_eq!(one(&t, "model:m", 0, 0, &req(1)).outcome, Outcome::Admitted);
+}
+
+#[test]
+fn apply_adds_the_lease_as_negative_pending() {
+    let t = table();
+    assert!(lease(&t, "u", 100, (3, 30), 100.0));
+    assert_eq!(t.stats().pending, 1);
+    let more = Totals {
+        window_start: 100,
+        requests: 10,
+        tokens: 40,
+        lease_requests: 2,
+        lease_tokens: 5,
+    };
+    assert!(t.apply("u", &more, 100.0, W));
+    assert_eq!(t.take("u"), Some((100, -5, -35)));
+    assert_eq!(t.stats().pending, 0);
+}
+
+#[test]
+fn a_lease_first_pays_for_charges_made_without_one() {
+    let t = table();
+    assert!(apply(&t, "v", 100, 0, 0, 100.0));
+    drain(&t, 100.0);
+    assert!(t.restore("v", 100, 2, 0, 100.0, W));
+    assert_eq!(
+        outcome(&t, "v", 10, 0, 0, 100.0),
+        Outcome::Load,
+        "not fresh"
+    );
+    assert!(lease(&t, "v", 100, (3, 0), 100.0));
+    assert_eq!(outcome(&t, "v", 10, 0, 0, 100.0), Outcome::Admitted);
+    assert_eq!(outcome(&t, "v", 10, 0, 0, 100.0), Outcome::Exact);
+    assert_eq!(t.take("v"), Some((100, 0, 0)));
 }
 
 #[test]
 fn stale_scope_gets_exactly_one_optimistic_charge() {
     let t = table();
-    assert!(t.apply("user:u", 100, 0, 0, 100.0, W));
-    assert_eq!(t.drain(), vec![]);
+    assert!(apply(&t, "user:u", 100, 0, 0, 100.0));
+    assert_eq!(drain(&t, 100.0), vec![]);
     assert_eq!(
         t.stats().active,
         0,
@@ -122,62 +266,33 @@ fn stale_scope_gets_exactly_one_optimistic_charge() {
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Admitted);
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Load);
 
-    assert!(t.apply("user:u", 100, 1, 0, 101.0, W));
+    // The lease pays for the charge made on trust first.
+    assert!(lease(&t, "user:u", 100, (2, 0), 101.0));
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Admitted);
-    assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Admitted);
+    assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Exact);
 }
 
 #[test]
 fn stale_scope_with_drained_charge_gets_another_optimistic_charge() {
     let t = table();
-    assert!(t.apply("user:u", 100, 0, 0, 100.0, W));
-    t.drain();
+    assert!(apply(&t, "user:u", 100, 0, 0, 100.0));
+    drain(&t, 100.0);
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Admitted);
-    assert_eq!(t.drain().len(), 1);
+    assert_eq!(
+        drain(&t, 101.0),
+        vec![delta("user:u", 100, (1, 0), (3, 0), (10, 0))]
+    );
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Admitted);
     assert_eq!(outcome(&t, "user:u", 10, 0, 0, 101.0), Outcome::Load);
 }
 
 #[test]
-fn exact_when_remaining_is_within_twice_the_fleet_rate() {
-    let t = table();
-    assert!(t.apply("user:u", 100, 10, 0, 100.0, W));
-    assert!(t.apply("user:u", 100, 40, 0, 110.0, W));
-    assert_eq!(outcome(&t, "user:u", 100, 0, 0, 110.0), Outcome::Exact);
-    assert_eq!(outcome(&t, "user:u", 101, 0, 0, 110.0), Outcome::Admitted);
-}
-
-#[test]
-fn exact_when_this_proxy_spent_its_share() {
-    let t = table();
-    assert!(t.apply("user:u", 100, 0, 0, 100.0, W));
-    let req = Request {
-        proxies: 3,
-        ..request(0, 100.0)
-    };
-    for _ in 0..3 {
-        assert_eq!(one(&t, "user:u", 10, 0, &req).outcome, Outcome::Admitted);
-    }
-    assert_eq!(one(&t, "user:u", 10, 0, &req).outcome, Outcome::Exact);
-
-    let req = Request {
-        proxies: 3,
-        ..request(40, 100.0)
-    };
-    assert_eq!(one(&t, "team:t", 0, 100, &req).outcome, Outcome::Load);
-    assert!(t.apply("team:t", 100, 0, 0, 100.0, W));
-    assert_eq!(one(&t, "team:t", 0, 100, &req).outcome, Outcome::Exact);
-    let req = Request { tokens: 33, ..req };
-    assert_eq!(one(&t, "team:t", 0, 100, &req).outcome, Outcome::Admitted);
-}
-
-#[test]
 fn denied_beats_load_beats_exact_and_the_first_scope_decides() {
     let t = table();
-    assert!(t.apply("a", 100, 0, 0, 100.0, W));
-    assert!(t.apply("b", 100, 10, 0, 100.0, W));
-    assert!(t.apply("c", 100, 10, 0, 100.0, W));
-    let near = ScopeLimit {
+    assert!(apply(&t, "a", 100, 0, 0, 100.0));
+    assert!(apply(&t, "b", 100, 10, 0, 100.0));
+    assert!(apply(&t, "c", 100, 10, 0, 100.0));
+    let unleased = ScopeLimit {
         name: "a",
         rpm: 1,
         tpm: 0,
@@ -193,17 +308,16 @@ fn denied_beats_load_beats_exact_and_the_first_scope_decides() {
         tpm: 0,
     };
     let req = request(0, 100.0);
-    let exact = Request { proxies: 2, ..req };
     assert_eq!(
-        t.check(&[near, unknown, over("b"), over("c")], &exact),
+        t.check(&[unleased, unknown, over("b"), over("c")], &req),
         Decision::not_admitted(Outcome::Denied, 2, 60.0)
     );
     assert_eq!(
-        t.check(&[near, unknown], &exact),
+        t.check(&[unleased, unknown], &req),
         Decision::not_admitted(Outcome::Load, 1, 0.0)
     );
     assert_eq!(
-        t.check(&[near], &exact),
+        t.check(&[unleased], &req),
         Decision::not_admitted(Outcome::Exact, 0, 0.0)
     );
 }
@@ -211,8 +325,8 @@ fn denied_beats_load_beats_exact_and_the_first_scope_decides() {
 #[test]
 fn a_denial_charges_no_scope() {
     let t = table();
-    assert!(t.apply("a", 100, 0, 0, 100.0, W));
-    assert!(t.apply("b", 100, 5, 0, 100.0, W));
+    assert!(lease(&t, "a", 100, (10, 0), 100.0));
+    assert!(apply(&t, "b", 100, 5, 0, 100.0));
     let scopes = [
         ScopeLimit {
             name: "a",
@@ -229,15 +343,54 @@ fn a_denial_charges_no_scope() {
         t.check(&scopes, &request(3, 100.0)).outcome,
         Outcome::Denied
     );
-    assert_eq!(t.take("a"), Some((100, 0, 0)));
+    assert_eq!(t.take("a"), Some((100, -10, 0)));
     assert_eq!(t.take("b"), Some((100, 0, 0)));
+}
+
+#[test]
+fn an_exact_scope_charges_no_scope() {
+    let t = table();
+    assert!(lease(&t, "a", 100, (10, 10), 100.0));
+    assert!(lease(&t, "b", 100, (10, 2), 100.0));
+    let scopes = [
+        ScopeLimit {
+            name: "a",
+            rpm: 100,
+            tpm: 100,
+        },
+        ScopeLimit {
+            name: "b",
+            rpm: 100,
+            tpm: 100,
+        },
+    ];
+    assert_eq!(
+        t.check(&scopes, &request(3, 100.0)),
+        Decision::not_admitted(Outcome::Exact, 1, 0.0)
+    );
+    assert_eq!(t.take("a"), Some((100, -10, -10)));
+    assert_eq!(t.take("b"), Some((100, -10, -2)));
 }
 
 #[test]
 fn admitted_check_charges_every_scope_and_reports_smallest_remainders() {
     let t = table();
-    assert!(t.apply("a", 100, 2, 50, 100.0, W));
-    assert!(t.apply("b", 100, 1, 10, 100.0, W));
+    let a = Totals {
+        window_start: 100,
+        requests: 7,
+        tokens: 150,
+        lease_requests: 5,
+        lease_tokens: 100,
+    };
+    let b = Totals {
+        window_start: 100,
+        requests: 3,
+        tokens: 10,
+        lease_requests: 2,
+        lease_tokens: 0,
+    };
+    assert!(t.apply("a", &a, 100.0, W));
+    assert!(t.apply("b", &b, 100.0, W));
     let scopes = [
         ScopeLimit {
             name: "a",
@@ -254,25 +407,94 @@ fn admitted_check_charges_every_scope_and_reports_smallest_remainders() {
     assert_eq!(d.outcome, Outcome::Admitted);
     assert_eq!(d.index, None);
     assert_eq!((d.remaining_requests, d.remaining_tokens), (3, 943));
-    let mut drained = t.drain();
+    let mut drained = drain(&t, 100.0);
     drained.sort_by(|x, y| x.scope.cmp(&y.scope));
     assert_eq!(
         drained,
         vec![
-            Delta {
-                scope: "a".into(),
-                window_start: 100,
-                requests: 1,
-                tokens: 7
-            },
-            Delta {
-                scope: "b".into(),
-                window_start: 100,
-                requests: 1,
-                tokens: 7
-            },
+            // Holds 4 requests and 93 tokens, wants 2*1+1 and 2*7+7: gives the rest back.
+            delta("a", 100, (-1, -72), (0, 0), (10, 1000)),
+            // Holds 1 request, wants 3: asks for 2 more; its tokens were charged without a
+            // lease (no token limit) and are pushed.
+            delta("b", 100, (0, 7), (2, 0), (5, 0)),
         ]
     );
+    assert_eq!(t.take("a"), Some((100, -3, -21)));
+    assert_eq!(t.take("b"), Some((100, -1, 0)));
+}
+
+#[test]
+fn drain_gives_back_lease_beyond_twice_the_use() {
+    let t = table();
+    assert!(lease(&t, "big", 100, (100, 1000), 100.0));
+    assert!(lease(&t, "small", 100, (2, 0), 100.0));
+    for _ in 0..3 {
+        assert_eq!(outcome(&t, "big", 50, 5000, 10, 100.0), Outcome::Admitted);
+    }
+    for _ in 0..2 {
+        assert_eq!(outcome(&t, "small", 50, 0, 10, 100.0), Outcome::Admitted);
+    }
+    assert_eq!(outcome(&t, "small", 50, 0, 10, 100.0), Outcome::Exact);
+    let mut drained = drain(&t, 101.0);
+    drained.sort_by(|x, y| x.scope.cmp(&y.scope));
+    assert_eq!(
+        drained,
+        vec![
+            // Wants 2*3+1 requests and 2*30+10 tokens; holds 97 and 970.
+            delta("big", 100, (-90, -900), (0, 0), (50, 5000)),
+            // Spent its lease: wants 2*2+1 requests; the tokens had no limit.
+            delta("small", 100, (0, 20), (5, 0), (50, 0)),
+        ]
+    );
+    assert_eq!(t.take("big"), Some((100, -7, -70)));
+    assert_eq!(t.take("small"), Some((100, 0, 0)));
+}
+
+#[test]
+fn idle_scope_releases_its_lease_then_goes_stale() {
+    let t = table();
+    assert!(lease(&t, "u", 100, (5, 0), 100.0));
+    assert_eq!(outcome(&t, "u", 10, 0, 0, 100.0), Outcome::Admitted);
+    let limits = (10, 0);
+    // Used: keeps 2*1+1.
+    assert_eq!(
+        t.drain(100.0, W, 2),
+        vec![delta("u", 100, (-1, 0), (0, 0), limits)]
+    );
+    // Idle once: keeps the floor of one request.
+    assert_eq!(
+        t.drain(100.0, W, 2),
+        vec![delta("u", 100, (-2, 0), (0, 0), limits)]
+    );
+    // Idle twice: gives everything back.
+    assert_eq!(
+        t.drain(100.0, W, 2),
+        vec![delta("u", 100, (-1, 0), (0, 0), limits)]
+    );
+    assert_eq!(t.stats().active, 1);
+    assert_eq!(t.drain(100.0, W, 2), vec![]);
+    assert_eq!(t.stats().active, 0);
+    assert_eq!(t.take("u"), None);
+    assert_eq!(
+        outcome(&t, "u", 10, 0, 0, 100.0),
+        Outcome::Admitted,
+        "trust"
+    );
+    assert_eq!(outcome(&t, "u", 10, 0, 0, 100.0), Outcome::Load);
+}
+
+#[test]
+fn drain_drops_records_whose_window_ended() {
+    let t = table();
+    assert!(lease(&t, "u", 100, (5, 50), 100.0));
+    assert_eq!(outcome(&t, "u", 10, 100, 5, 100.0), Outcome::Admitted);
+    assert_eq!(
+        drain(&t, 160.0),
+        vec![],
+        "Redis dropped the window and lease"
+    );
+    assert_eq!(t.stats().active, 0);
+    assert_eq!(t.take("u"), None);
 }
 
 #[test]
@@ -297,24 +519,27 @@ fn offline_starts_a_local_window_and_never_loads() {
 }
 
 #[test]
-fn offline_ignores_staleness_and_nearness() {
+fn offline_ignores_staleness_and_the_lease() {
     let t = table();
-    assert!(t.apply("user:u", 100, 10, 0, 100.0, W));
-    assert!(t.apply("user:u", 100, 50, 0, 100.0, W));
-    t.drain();
+    assert!(apply(&t, "user:u", 100, 10, 0, 100.0));
+    drain(&t, 100.0);
+    assert!(apply(&t, "team:t", 100, 10, 0, 100.0));
     let req = Request {
         offline: true,
         ..request(0, 100.0)
     };
     for _ in 0..3 {
         assert_eq!(one(&t, "user:u", 100, 0, &req).outcome, Outcome::Admitted);
+        assert_eq!(one(&t, "team:t", 100, 0, &req).outcome, Outcome::Admitted);
     }
+    assert_eq!(t.take("user:u"), Some((100, 3, 0)));
+    assert_eq!(t.take("team:t"), Some((100, 3, 0)));
 }
 
 #[test]
 fn offline_denies_a_scope_it_cannot_track() {
     let t = Table::with_key(1, 1, (1, 2)).expect("valid configuration");
-    assert!(t.apply("a", 100, 0, 0, 100.0, W));
+    assert!(apply(&t, "a", 100, 0, 0, 100.0));
     let req = Request {
         offline: true,
         ..request(0, 100.0)
@@ -325,37 +550,72 @@ fn offline_denies_a_scope_it_cannot_track() {
 }
 
 #[test]
-fn apply_of_a_newer_window_drops_pending_and_rate() {
+fn apply_of_a_newer_window_drops_pending_of_an_ended_window() {
     let t = table();
-    assert!(t.apply("u", 100, 0, 0, 100.0, W));
-    assert!(t.apply("u", 100, 30, 0, 100.0, W));
+    assert!(lease(&t, "u", 100, (5, 0), 100.0));
     assert_eq!(outcome(&t, "u", 100, 0, 0, 100.0), Outcome::Admitted);
-    assert!(t.apply("u", 160, 5, 0, 160.0, W));
+    assert!(apply(&t, "u", 160, 5, 0, 160.0));
     assert_eq!(t.take("u"), Some((160, 0, 0)));
-    assert_eq!(outcome(&t, "u", 20, 0, 0, 160.0), Outcome::Admitted);
+    assert!(lease(&t, "u", 160, (2, 0), 160.0));
+    assert_eq!(t.take("u"), Some((160, -2, 0)));
+}
+
+#[test]
+fn apply_of_another_open_window_keeps_pending_of_an_open_window() {
+    let t = table();
+    let offline = Request {
+        offline: true,
+        ..request(0, 100.0)
+    };
+    for _ in 0..2 {
+        assert_eq!(one(&t, "u", 10, 0, &offline).outcome, Outcome::Admitted);
+    }
+    // Redis's open window wins over the local one; the charges move to it.
+    let totals = Totals {
+        window_start: 90,
+        requests: 5,
+        lease_requests: 3,
+        ..Totals::default()
+    };
+    assert!(t.apply("u", &totals, 101.0, W));
+    assert_eq!(t.take("u"), Some((90, -1, 0)));
 }
 
 #[test]
 fn apply_of_an_older_window_is_ignored() {
     let t = table();
-    assert!(t.apply("u", 160, 5, 0, 160.0, W));
-    assert!(t.apply("u", 100, 50, 0, 160.0, W));
+    let newer = Totals {
+        window_start: 160,
+        requests: 5,
+        lease_requests: 3,
+        ..Totals::default()
+    };
+    assert!(t.apply("u", &newer, 160.0, W));
+    let older = Totals {
+        window_start: 100,
+        requests: 50,
+        lease_requests: 7,
+        ..Totals::default()
+    };
+    assert!(t.apply("u", &older, 160.0, W));
     let d = one(&t, "u", 10, 0, &request(0, 160.0));
-    assert_eq!(d.remaining_requests, 4);
+    assert_eq!(d.outcome, Outcome::Admitted);
+    assert_eq!(d.remaining_requests, 7);
+    assert_eq!(t.take("u"), Some((160, -2, 0)));
 }
 
 #[test]
 fn apply_rejects_a_scope_when_every_tracked_scope_is_active() {
     let t = Table::with_key(4, 1, (1, 2)).expect("valid configuration");
     for name in ["a", "b", "c", "d"] {
-        assert!(t.apply(name, 100, 0, 0, 100.0, W));
+        assert!(apply(&t, name, 100, 0, 0, 100.0));
     }
-    assert!(!t.apply("e", 100, 0, 0, 100.0, W));
+    assert!(!apply(&t, "e", 100, 0, 0, 100.0));
     assert_eq!(t.stats().rejected, 1);
     assert_eq!(t.len(), 4);
 
-    t.drain();
-    assert!(t.apply("e", 100, 0, 0, 100.0, W));
+    drain(&t, 100.0);
+    assert!(apply(&t, "e", 100, 0, 0, 100.0));
     assert_eq!(t.len(), 4);
     assert_eq!(t.stats().evictions, 1);
 }
@@ -363,12 +623,12 @@ fn apply_rejects_a_scope_when_every_tracked_scope_is_active() {
 #[test]
 fn a_full_shard_evicts_an_ended_idle_scope_first() {
     let t = Table::with_key(3, 1, (1, 2)).expect("valid configuration");
-    assert!(t.apply("old", 10, 0, 0, 100.0, W));
-    assert!(t.apply("idle", 100, 0, 0, 100.0, W));
-    assert!(t.apply("busy", 100, 0, 0, 100.0, W));
-    t.drain();
+    assert!(apply(&t, "old", 10, 0, 0, 100.0));
+    assert!(apply(&t, "idle", 100, 0, 0, 100.0));
+    assert!(apply(&t, "busy", 100, 0, 0, 100.0));
+    drain(&t, 100.0);
     assert_eq!(outcome(&t, "busy", 10, 0, 0, 100.0), Outcome::Admitted);
-    assert!(t.apply("new", 100, 0, 0, 100.0, W));
+    assert!(apply(&t, "new", 100, 0, 0, 100.0));
     assert_eq!(t.take("old"), None);
     assert_eq!(outcome(&t, "old", 10, 0, 0, 100.0), Outcome::Load);
     assert_eq!(outcome(&t, "idle", 10, 0, 0, 100.0), Outcome::Admitted);
@@ -378,21 +638,35 @@ fn a_full_shard_evicts_an_ended_idle_scope_first() {
 #[test]
 fn drain_keeps_touched_records_and_drops_idle_ones() {
     let t = table();
-    assert!(t.apply("u", 100, 0, 0, 100.0, W));
-    assert_eq!(outcome(&t, "u", 10, 0, 3, 100.0), Outcome::Admitted);
+    assert!(apply(&t, "u", 100, 0, 0, 100.0));
+    assert_eq!(outcome(&t, "u", 0, 0, 3, 100.0), Outcome::Admitted);
     assert_eq!(t.stats().pending, 1);
-    assert_eq!(t.drain().len(), 1);
+    assert_eq!(
+        drain(&t, 100.0),
+        vec![delta("u", 100, (1, 3), (0, 0), (0, 0))]
+    );
     assert_eq!(t.stats().active, 1);
     assert_eq!(t.stats().pending, 0);
-    assert_eq!(t.drain(), vec![]);
+    assert_eq!(drain(&t, 100.0), vec![]);
     assert_eq!(t.stats().active, 0);
     assert_eq!(t.take("u"), None);
 }
 
 #[test]
+fn a_touched_scope_is_synced_with_nothing_to_push() {
+    let t = table();
+    assert!(apply(&t, "u", 100, 0, 0, 100.0));
+    assert!(t.record("u", 0, 100.0, W));
+    assert_eq!(
+        drain(&t, 100.0),
+        vec![delta("u", 100, (0, 0), (0, 0), (0, 0))]
+    );
+}
+
+#[test]
 fn take_and_restore_give_back_a_delta_of_the_same_open_window() {
     let t = table();
-    assert!(t.apply("u", 100, 0, 0, 100.0, W));
+    assert!(apply(&t, "u", 100, 0, 0, 100.0));
     assert_eq!(outcome(&t, "u", 0, 0, 4, 100.0), Outcome::Admitted);
     assert_eq!(t.take("u"), Some((100, 1, 4)));
     assert_eq!(t.take("u"), Some((100, 0, 0)));
@@ -407,8 +681,8 @@ fn take_and_restore_give_back_a_delta_of_the_same_open_window() {
 #[test]
 fn restore_recreates_a_record_that_drain_removed() {
     let t = table();
-    assert!(t.apply("u", 100, 0, 0, 100.0, W));
-    t.drain();
+    assert!(apply(&t, "u", 100, 0, 0, 100.0));
+    drain(&t, 100.0);
     assert!(t.restore("u", 100, 2, 9, 100.0, W));
     assert_eq!(t.stats().active, 1);
     assert_eq!(
@@ -416,14 +690,17 @@ fn restore_recreates_a_record_that_drain_removed() {
         Outcome::Load,
         "restored, still stale"
     );
-    assert_eq!(t.drain()[0].requests, 2);
+    assert_eq!(
+        drain(&t, 100.0),
+        vec![delta("u", 100, (2, 9), (0, 0), (0, 0))]
+    );
 }
 
 #[test]
 fn record_adds_a_signed_token_correction_to_an_open_window() {
     let t = table();
     assert!(!t.record("u", 5, 100.0, W));
-    assert!(t.apply("u", 100, 0, 0, 100.0, W));
+    assert!(apply(&t, "u", 100, 0, 0, 100.0));
     assert!(t.record("u", -7, 100.0, W));
     assert!(t.record("u", 2, 100.0, W));
     assert!(!t.record("u", 2, 160.0, W));
@@ -433,13 +710,22 @@ fn record_adds_a_signed_token_correction_to_an_open_window() {
 #[test]
 fn extreme_values_saturate_instead_of_panicking() {
     let t = table();
-    assert!(t.apply("u", u32::MAX, u32::MAX, u32::MAX, f64::from(u32::MAX), 1));
-    assert!(t.record("u", i64::MAX, f64::from(u32::MAX), 1));
-    assert!(t.record("u", i64::MAX, f64::from(u32::MAX), 1));
-    assert!(t.restore("u", u32::MAX, i64::MAX, i64::MIN, f64::from(u32::MAX), 1));
+    let max = f64::from(u32::MAX);
+    let totals = Totals {
+        window_start: u32::MAX,
+        requests: u32::MAX,
+        tokens: u32::MAX,
+        lease_requests: u32::MAX,
+        lease_tokens: u32::MAX,
+    };
+    assert!(t.apply("u", &totals, max, 1));
+    assert!(t.apply("u", &totals, max, 1));
+    assert!(t.record("u", i64::MAX, max, 1));
+    assert!(t.record("u", i64::MAX, max, 1));
+    assert!(t.restore("u", u32::MAX, i64::MAX, i64::MIN, max, 1));
     let req = Request {
         tokens: u32::MAX,
-        now: f64::from(u32::MAX),
+        now: max,
         window: u32::MAX,
         proxies: u32::MAX,
         offline: false,
@@ -457,20 +743,22 @@ fn extreme_values_saturate_instead_of_panicking() {
             },
         );
     }
-    assert!(t.record("u", i64::MIN, f64::from(u32::MAX), 1));
-    t.drain();
+    assert!(t.record("u", i64::MIN, max, 1));
+    for idle in [u32::MAX, 0] {
+        t.drain(max, u32::MAX, idle);
+    }
     t.stats();
-    t.evict(f64::from(u32::MAX), u32::MAX, usize::MAX);
+    t.evict(max, u32::MAX, usize::MAX);
 }
 
 #[test]
 fn evict_removes_only_idle_scopes_whose_window_ended() {
     let t = table();
-    assert!(t.apply("ended", 100, 0, 0, 100.0, W));
-    assert!(t.apply("open", 150, 0, 0, 150.0, W));
-    assert!(t.apply("active", 100, 0, 0, 100.0, W));
-    t.drain();
-    assert!(t.apply("active", 100, 0, 0, 100.0, W));
+    assert!(apply(&t, "ended", 100, 0, 0, 100.0));
+    assert!(apply(&t, "open", 150, 0, 0, 150.0));
+    assert!(apply(&t, "active", 100, 0, 0, 100.0));
+    drain(&t, 150.0);
+    assert!(apply(&t, "active", 100, 0, 0, 100.0));
     assert_eq!(t.evict(170.0, W, 100), 1);
     assert_eq!(t.len(), 2);
     assert_eq!(t.stats().evictions, 1);
@@ -481,9 +769,9 @@ fn evict_removes_only_idle_scopes_whose_window_ended() {
 fn evict_does_bounded_work_and_resumes() {
     let t = Table::with_key(10_000, 8, (1, 2)).expect("valid configuration");
     for i in 0..1000 {
-        assert!(t.apply(&format!("s{i}"), 100, 0, 0, 100.0, W));
+        assert!(apply(&t, &format!("s{i}"), 100, 0, 0, 100.0));
     }
-    t.drain();
+    drain(&t, 100.0);
     let mut total = 0;
     loop {
         let n = t.evict(200.0, W, 10);
@@ -503,12 +791,12 @@ fn a_flood_of_scopes_stays_under_the_cap_and_keeps_active_scopes() {
     let t = Table::with_key(max, 8, (3, 4)).expect("valid configuration");
     let hot: Vec<String> = (0..50).map(|i| format!("hot:{i}")).collect();
     for name in &hot {
-        assert!(t.apply(name, 100, 0, 0, 100.0, W));
+        assert!(apply(&t, name, 100, 0, 0, 100.0));
     }
     let mut rejected = 0;
     for batch in 0..100 {
         for i in 0..100 {
-            if !t.apply(&format!("flood:{batch}:{i}"), 100, 0, 0, 100.0, W) {
+            if !apply(&t, &format!("flood:{batch}:{i}"), 100, 0, 0, 100.0) {
                 rejected += 1;
             }
             assert!(t.len() <= max as usize);
@@ -516,7 +804,7 @@ fn a_flood_of_scopes_stays_under_the_cap_and_keeps_active_scopes() {
         for name in &hot {
             assert_eq!(outcome(&t, name, 0, 0, 1, 100.0), Outcome::Admitted);
         }
-        t.drain();
+        drain(&t, 100.0);
     }
     assert_eq!(rejected, 0);
     assert_eq!(t.stats().scopes, t.len() as u64);
@@ -531,12 +819,12 @@ fn memory_per_idle_scope_stays_small() {
     let n: u32 = 200_000;
     let t = Table::with_key(u64::from(n), 1, (5, 6)).expect("valid configuration");
     for i in 0..n {
-        assert!(t.apply(&format!("api_key:{i:032x}"), 100, 0, 0, 100.0, W));
+        assert!(apply(&t, &format!("api_key:{i:032x}"), 100, 0, 0, 100.0));
         if i % 10_000 == 9_999 {
-            t.drain();
+            drain(&t, 100.0);
         }
     }
-    t.drain();
+    drain(&t, 100.0);
     let stats = t.stats();
     assert_eq!(stats.scopes, u64::from(n));
     assert_eq!(stats.active, 0);
@@ -550,31 +838,33 @@ fn index_survives_many_inserts_and_removals() {
     for round in 0..20u32 {
         let now = f64::from(round * 100);
         for i in 0..500 {
-            assert!(t.apply(&format!("{round}:{i}"), round * 100, i, 0, now, W));
+            assert!(apply(&t, &format!("{round}:{i}"), round * 100, i, 0, now));
         }
-        t.drain();
+        drain(&t, now);
         for i in 0..500 {
             let d = one(&t, &format!("{round}:{i}"), 1000, 0, &request(0, now));
             assert_eq!(d.outcome, Outcome::Admitted);
             assert_eq!(d.remaining_requests, i64::from(1000 - i - 1));
         }
-        t.drain();
-        t.drain();
+        drain(&t, now);
+        drain(&t, now);
         assert_eq!(t.evict(now + 100.0, W, 200), 200);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reference model.
+// Reference model: a port of `tests/reference_table.py`.
 
 #[derive(Clone, Debug, Default)]
 struct RefRecord {
     pend_req: i64,
     pend_tok: i64,
-    rate_req: u32,
-    rate_tok: u32,
-    own_req: u32,
-    own_tok: u32,
+    used_req: i64,
+    used_tok: i64,
+    lim_req: u32,
+    lim_tok: u32,
+    last_tokens: u32,
+    idle: u32,
     fresh: bool,
     touched: bool,
 }
@@ -598,7 +888,20 @@ impl RefState {
     }
 }
 
+/// `(push, extra lease to ask for, new pending)` for one kind at a drain.
+fn ref_settle(pend: i64, want: i64) -> (i64, i64, i64) {
+    let (mut push, mut held) = if pend > 0 { (pend, 0) } else { (0, -pend) };
+    if held > want {
+        push -= held - want;
+        held = want;
+    }
+    (push, want - held, -held)
+}
+
+type RefDelta = (String, u32, i64, i64, u32, u32, u32, u32);
+
 impl Model {
+    /// Ranks: 0 denied, 1 load, 2 exact, 3 admitted.
     fn verdict(st: &RefState, rpm: u32, tpm: u32, req: &Request) -> (u8, f64) {
         let (pr, pt) = st
             .rec
@@ -612,26 +915,16 @@ impl Model {
         if (lr > 0 && gr + pr + 1 > lr) || (lt > 0 && gt + pt + t.max(1) > lt) {
             return (0, retry);
         }
-        let spent = (lr > 0 && pr + 1 > (lr - gr).div_euclid(p))
-            || (lt > 0 && pt + t > (lt - gt).div_euclid(p));
         if req.offline {
+            let spent = (lr > 0 && pr + 1 > (lr - gr).div_euclid(p))
+                || (lt > 0 && pt + t > (lt - gt).div_euclid(p));
             return if spent { (0, retry) } else { (3, 0.0) };
         }
-        let stale = st.rec.as_ref().is_none_or(|r| !r.fresh);
-        if stale && st.rec.is_some() && pr != 0 {
-            return (1, 0.0);
-        }
-        let (rr, rt) = st.rec.as_ref().map_or((0, 0), |r| {
-            (
-                i128::from(r.rate_req).max(p * i128::from(r.own_req)),
-                i128::from(r.rate_tok).max(p * i128::from(r.own_tok)),
-            )
-        });
-        let near = (lr > 0 && lr - gr <= 2 * rr) || (lt > 0 && lt - gt <= 2 * rt);
-        if near || spent {
-            (2, 0.0)
-        } else {
-            (3, 0.0)
+        match &st.rec {
+            Some(r) if r.fresh && ((lr > 0 && pr + 1 > 0) || (lt > 0 && pt + t > 0)) => (2, 0.0),
+            Some(r) if r.fresh => (3, 0.0),
+            Some(_) if pr != 0 => (1, 0.0),
+            _ => (3, 0.0),
         }
     }
 
@@ -646,15 +939,13 @@ impl Model {
                     rec: None,
                 });
                 if !st.open(req.now, req.window) {
+                    // A local window, as while Redis is unreachable.
                     st.ws = start;
                     st.g_req = 0;
                     st.g_tok = 0;
                     if let Some(r) = st.rec.as_mut() {
-                        *r = RefRecord {
-                            fresh: r.fresh,
-                            touched: r.touched,
-                            ..RefRecord::default()
-                        };
+                        r.pend_req = 0;
+                        r.pend_tok = 0;
                     }
                 }
             }
@@ -683,6 +974,9 @@ impl Model {
             let rec = st.rec.get_or_insert_with(RefRecord::default);
             rec.pend_req += 1;
             rec.pend_tok += i64::from(req.tokens);
+            rec.used_req += 1;
+            rec.used_tok += i64::from(req.tokens);
+            (rec.lim_req, rec.lim_tok, rec.last_tokens) = (*rpm, *tpm, req.tokens);
             rec.touched = true;
             if *rpm > 0 {
                 let v = (i64::from(*rpm) - i64::from(st.g_req) - rec.pend_req).max(0);
@@ -702,64 +996,75 @@ impl Model {
         }
     }
 
-    fn apply(
-        &mut self,
-        name: &str,
-        ws: u32,
-        req_total: u32,
-        tok_total: u32,
-        now: f64,
-        window: u32,
-    ) -> bool {
+    fn apply(&mut self, name: &str, totals: &Totals, now: f64, window: u32) -> bool {
         let st = self.scopes.entry(name.to_owned()).or_insert(RefState {
-            ws,
-            g_req: req_total,
-            g_tok: tok_total,
+            ws: totals.window_start,
+            g_req: 0,
+            g_tok: 0,
             rec: None,
         });
         let mut reset = false;
-        let rates = if ws == st.ws {
-            (
-                req_total.saturating_sub(st.g_req),
-                tok_total.saturating_sub(st.g_tok),
-            )
-        } else if now >= f64::from(ws) + f64::from(window) {
-            return true;
-        } else {
+        if totals.window_start != st.ws {
+            if now >= f64::from(totals.window_start) + f64::from(window) {
+                return true;
+            }
             reset = !st.open(now, window);
-            (0, 0)
-        };
-        st.ws = ws;
-        st.g_req = req_total;
-        st.g_tok = tok_total;
+            st.ws = totals.window_start;
+        }
+        st.g_req = totals.requests;
+        st.g_tok = totals.tokens;
         let rec = st.rec.get_or_insert_with(RefRecord::default);
         if reset {
             rec.pend_req = 0;
             rec.pend_tok = 0;
-            rec.own_req = 0;
-            rec.own_tok = 0;
         }
-        (rec.rate_req, rec.rate_tok) = rates;
+        rec.pend_req -= i64::from(totals.lease_requests);
+        rec.pend_tok -= i64::from(totals.lease_tokens);
         rec.fresh = true;
         true
     }
 
-    fn drain(&mut self) -> Vec<(String, u32, i64, i64)> {
+    fn drain(&mut self, now: f64, window: u32, idle_drains: u32) -> Vec<RefDelta> {
         let mut out = Vec::new();
         for (name, st) in &mut self.scopes {
+            let open = st.open(now, window);
             let Some(rec) = st.rec.as_mut() else {
                 continue;
             };
-            let (r, t) = (rec.pend_req, rec.pend_tok);
+            if !open {
+                st.rec = None;
+                continue;
+            }
             let touched = rec.touched;
-            rec.own_req = r.clamp(0, i64::from(u32::MAX)) as u32;
-            rec.own_tok = t.clamp(0, i64::from(u32::MAX)) as u32;
-            rec.pend_req = 0;
-            rec.pend_tok = 0;
+            rec.idle = if touched { 0 } else { rec.idle + 1 };
             rec.touched = false;
-            if r != 0 || t != 0 {
-                out.push((name.clone(), st.ws, r, t));
-            } else if !touched {
+            let releasing = rec.idle >= idle_drains;
+            let want = |limit: u32, used: i64, floor: u32| {
+                if releasing || limit == 0 {
+                    0
+                } else {
+                    2 * used.max(0) + i64::from(floor)
+                }
+            };
+            let want_r = want(rec.lim_req, rec.used_req, 1);
+            let want_t = want(rec.lim_tok, rec.used_tok, rec.last_tokens);
+            rec.used_req = 0;
+            rec.used_tok = 0;
+            let (push_r, top_r, pend_r) = ref_settle(rec.pend_req, want_r);
+            let (push_t, top_t, pend_t) = ref_settle(rec.pend_tok, want_t);
+            (rec.pend_req, rec.pend_tok) = (pend_r, pend_t);
+            if touched || push_r != 0 || push_t != 0 || top_r != 0 || top_t != 0 {
+                out.push((
+                    name.clone(),
+                    st.ws,
+                    push_r,
+                    push_t,
+                    top_r as u32,
+                    top_t as u32,
+                    rec.lim_req,
+                    rec.lim_tok,
+                ));
+            } else if releasing {
                 st.rec = None;
             }
         }
@@ -820,10 +1125,9 @@ enum Op {
     Apply {
         scope: usize,
         age: u32,
-        requests: u32,
-        tokens: u32,
+        totals: Totals,
     },
-    Drain,
+    Drain(u32),
     Take(usize),
     Restore {
         scope: usize,
@@ -858,15 +1162,20 @@ fn op() -> impl Strategy<Value = Op> {
                 proxies,
                 offline,
             }),
-        3 => (scope.clone(), 0u32..4, 0u32..10, 0u32..25).prop_map(
-            |(scope, age, requests, tokens)| Op::Apply {
+        3 => (scope.clone(), 0u32..4, 0u32..10, 0u32..25, 0u32..5, 0u32..20).prop_map(
+            |(scope, age, requests, tokens, lease_requests, lease_tokens)| Op::Apply {
                 scope,
                 age,
-                requests,
-                tokens
+                totals: Totals {
+                    window_start: 0,
+                    requests: requests + lease_requests,
+                    tokens: tokens + lease_tokens,
+                    lease_requests,
+                    lease_tokens,
+                },
             }
         ),
-        1 => Just(Op::Drain),
+        2 => (0u32..4).prop_map(Op::Drain),
         1 => scope.clone().prop_map(Op::Take),
         1 => (scope.clone(), 0u32..4, -3i64..4, -20i64..20).prop_map(
             |(scope, age, requests, tokens)| Op::Restore {
@@ -887,10 +1196,21 @@ fn window_start(now: f64, age: u32) -> u32 {
     (now as u32 / 20 * 20).saturating_sub(20 * age)
 }
 
-fn sorted(deltas: Vec<Delta>) -> Vec<(String, u32, i64, i64)> {
+fn sorted(deltas: Vec<Delta>) -> Vec<RefDelta> {
     let mut out: Vec<_> = deltas
         .into_iter()
-        .map(|d| (d.scope.to_string(), d.window_start, d.requests, d.tokens))
+        .map(|d| {
+            (
+                d.scope.to_string(),
+                d.window_start,
+                d.requests,
+                d.tokens,
+                d.want_requests,
+                d.want_tokens,
+                d.rpm,
+                d.tpm,
+            )
+        })
         .collect();
     out.sort();
     out
@@ -918,14 +1238,16 @@ proptest! {
                     let req = Request { tokens, now, window: W, proxies, offline };
                     prop_assert_eq!(t.check(&limits, &req), m.check(&owned, &req));
                 }
-                Op::Apply { scope, age, requests, tokens } => {
-                    let ws = window_start(now, age);
+                Op::Apply { scope, age, totals } => {
+                    let totals = Totals { window_start: window_start(now, age), ..totals };
                     prop_assert_eq!(
-                        t.apply(NAMES[scope], ws, requests, tokens, now, W),
-                        m.apply(NAMES[scope], ws, requests, tokens, now, W)
+                        t.apply(NAMES[scope], &totals, now, W),
+                        m.apply(NAMES[scope], &totals, now, W)
                     );
                 }
-                Op::Drain => prop_assert_eq!(sorted(t.drain()), m.drain()),
+                Op::Drain(idle) => {
+                    prop_assert_eq!(sorted(t.drain(now, W, idle)), m.drain(now, W, idle));
+                }
                 Op::Take(s) => prop_assert_eq!(t.take(NAMES[s]), m.take(NAMES[s])),
                 Op::Restore { scope, age, requests, tokens } => {
                     let ws = window_start(now, age);
@@ -957,16 +1279,25 @@ proptest! {
 // Concurrency.
 
 #[test]
-fn concurrent_checks_never_pass_the_share_and_charge_all_or_nothing() {
+fn concurrent_checks_never_pass_the_lease_and_charge_all_or_nothing() {
     let t = Arc::new(Table::with_key(1000, 4, (11, 12)).expect("valid configuration"));
-    let limits = [
-        ("a", 900u32, 0u32),
-        ("b", 700, 0),
-        ("c", 0, 6000),
-        ("d", 500, 5000),
+    // (name, rpm, tpm, lease of requests, lease of tokens); the fleet counted 100 requests and
+    // 1000 tokens of other proxies besides the lease.
+    let scopes = [
+        ("a", 10_000u32, 0u32, 900u32, 0u32),
+        ("b", 10_000, 0, 700, 0),
+        ("c", 0, 100_000, 0, 6000),
+        ("d", 600, 6000, 500, 5000),
     ];
-    for (name, _, _) in limits {
-        assert!(t.apply(name, 100, 0, 0, 100.0, W));
+    for (name, _, _, lr, lt) in scopes {
+        let totals = Totals {
+            window_start: 100,
+            requests: 100 + lr,
+            tokens: 1000 + lt,
+            lease_requests: lr,
+            lease_tokens: lt,
+        };
+        assert!(t.apply(name, &totals, 100.0, W));
     }
     let combos: [&[usize]; 5] = [&[0, 1], &[0], &[1, 2], &[2, 3, 0], &[3]];
     let admitted: Vec<Vec<(i64, i64)>> = std::thread::scope(|s| {
@@ -974,19 +1305,19 @@ fn concurrent_checks_never_pass_the_share_and_charge_all_or_nothing() {
             .map(|th| {
                 let t = Arc::clone(&t);
                 s.spawn(move || {
-                    let mut per_scope = vec![(0i64, 0i64); limits.len()];
+                    let mut per_scope = vec![(0i64, 0i64); scopes.len()];
                     for k in 0..2000u32 {
                         let combo = combos[((k + th) as usize) % combos.len()];
                         let tokens = (k * 7 + th) % 9;
-                        let scopes: Vec<ScopeLimit<'_>> = combo
+                        let limits: Vec<ScopeLimit<'_>> = combo
                             .iter()
                             .map(|&i| ScopeLimit {
-                                name: limits[i].0,
-                                rpm: limits[i].1,
-                                tpm: limits[i].2,
+                                name: scopes[i].0,
+                                rpm: scopes[i].1,
+                                tpm: scopes[i].2,
                             })
                             .collect();
-                        let d = t.check(&scopes, &request(tokens, 100.0));
+                        let d = t.check(&limits, &request(tokens, 100.0));
                         if d.outcome == Outcome::Admitted {
                             for &i in combo {
                                 per_scope[i].0 += 1;
@@ -1009,61 +1340,118 @@ fn concurrent_checks_never_pass_the_share_and_charge_all_or_nothing() {
             .collect()
     });
 
-    for (i, (name, rpm, tpm)) in limits.iter().enumerate() {
+    for (i, (name, rpm, tpm, lr, lt)) in scopes.iter().enumerate() {
         let requests: i64 = admitted.iter().map(|p| p[i].0).sum();
         let tokens: i64 = admitted.iter().map(|p| p[i].1).sum();
-        assert_eq!(t.take(name), Some((100, requests, tokens)), "{name}");
+        // Every admission was charged to every scope of its check, and to no other.
+        assert_eq!(
+            t.take(name),
+            Some((100, requests - i64::from(*lr), tokens - i64::from(*lt))),
+            "{name}"
+        );
         if *rpm > 0 {
-            assert!(requests <= i64::from(*rpm), "{name}: {requests} > {rpm}");
+            assert!(
+                requests <= i64::from(*lr),
+                "{name}: {requests} > lease {lr}"
+            );
         }
         if *tpm > 0 {
-            assert!(tokens <= i64::from(*tpm), "{name}: {tokens} > {tpm}");
+            assert!(tokens <= i64::from(*lt), "{name}: {tokens} > lease {lt}");
         }
     }
     assert_eq!(
         admitted.iter().map(|p| p[0].0).sum::<i64>(),
         900,
-        "a is used up exactly"
+        "a's lease is used up exactly"
     );
+}
+
+/// A stand-in for Redis: per scope, the fleet total (leases included) and the limits.
+#[derive(Default)]
+struct Fleet {
+    totals: HashMap<String, (u32, u32)>,
+    /// Pushed deltas, granted leases and charges made by exact checks, summed.
+    pushed: (i64, i64),
+    granted: (i64, i64),
+    exact: (i64, i64),
+}
+
+impl Fleet {
+    /// Drains the table, as a sync does, and answers each drained scope with its new totals
+    /// and the lease granted (what it asked for, within its limits).
+    fn sync(&mut self, t: &Table, idle_drains: u32) {
+        for d in t.drain(100.0, W, idle_drains) {
+            let total = self.totals.entry(d.scope.to_string()).or_default();
+            let grant = |total: u32, push: i64, want: u32, limit: u32| {
+                let total = i64::from(total) + push;
+                let lease = i64::from(want).min((i64::from(limit) - total).max(0));
+                (total, lease)
+            };
+            let (requests, lease_requests) = grant(total.0, d.requests, d.want_requests, d.rpm);
+            let (tokens, lease_tokens) = grant(total.1, d.tokens, d.want_tokens, d.tpm);
+            let totals = Totals {
+                window_start: 100,
+                requests: u32::try_from(requests + lease_requests).expect("fits"),
+                tokens: u32::try_from(tokens + lease_tokens).expect("fits"),
+                lease_requests: u32::try_from(lease_requests).expect("fits"),
+                lease_tokens: u32::try_from(lease_tokens).expect("fits"),
+            };
+            *total = (totals.requests, totals.tokens);
+            self.pushed.0 += d.requests;
+            self.pushed.1 += d.tokens;
+            self.granted.0 += lease_requests;
+            self.granted.1 += lease_tokens;
+            assert!(t.apply(&d.scope, &totals, 100.0, W));
+        }
+    }
+
+    /// Charges one request of `tokens` to each scope in Redis, as the exact path does when
+    /// the limits are far away, and tells the table the new totals.
+    fn exact(&mut self, t: &Table, scopes: &[&str], tokens: u32) {
+        for &name in scopes {
+            let total = self.totals.entry(name.to_string()).or_default();
+            total.0 += 1;
+            total.1 += tokens;
+            self.exact.0 += 1;
+            self.exact.1 += i64::from(tokens);
+            let totals = Totals {
+                window_start: 100,
+                requests: total.0,
+                tokens: total.1,
+                ..Totals::default()
+            };
+            t.apply(name, &totals, 100.0, W);
+        }
+    }
 }
 
 #[test]
 fn concurrent_sync_loses_and_doubles_no_charge() {
-    let t = Arc::new(Table::with_key(64, 8, (13, 14)).expect("valid configuration"));
+    let table = Arc::new(Table::with_key(64, 8, (13, 14)).expect("valid configuration"));
     let names: Vec<String> = (0..6).map(|i| format!("scope:{i}")).collect();
     let admitted_req = AtomicI64::new(0);
     let admitted_tok = AtomicI64::new(0);
-    let synced_req = AtomicI64::new(0);
-    let synced_tok = AtomicI64::new(0);
     let stop = AtomicBool::new(false);
-    let fleet: parking_lot::Mutex<HashMap<String, (u32, u32)>> = parking_lot::Mutex::default();
+    let syncs = AtomicU64::new(0);
+    let mut fleet = Fleet::default();
     for name in &names {
-        assert!(t.apply(name, 100, 0, 0, 100.0, W));
+        // A first lease, so that checks admit locally before the first sync.
+        fleet.totals.insert(name.clone(), (50, 200));
+        fleet.granted.0 += 50;
+        fleet.granted.1 += 200;
+        assert!(lease(&table, name, 100, (50, 200), 100.0));
     }
+    let fleet = parking_lot::Mutex::new(fleet);
 
     std::thread::scope(|s| {
-        let (t, names, fleet) = (&t, &names, &fleet);
-        let (synced_req, synced_tok, stop) = (&synced_req, &synced_tok, &stop);
-        let sync = move || {
-            let mut fleet = fleet.lock();
-            for d in t.drain() {
-                synced_req.fetch_add(d.requests, Relaxed);
-                synced_tok.fetch_add(d.tokens, Relaxed);
-                let total = fleet.entry(d.scope.to_string()).or_default();
-                total.0 = total.0.saturating_add(d.requests as u32);
-                total.1 = total.1.saturating_add(d.tokens as u32);
-            }
-            for name in names {
-                let (r, tok) = fleet.get(name).copied().unwrap_or_default();
-                t.apply(name, 100, r, tok, 100.0, W);
-            }
-        };
+        let (table, names, fleet, stop, syncs) = (&table, &names, &fleet, &stop, &syncs);
         s.spawn(move || {
             while !stop.load(Relaxed) {
-                sync();
+                fleet.lock().sync(table, 2);
+                syncs.fetch_add(1, Relaxed);
                 for name in names {
-                    if let Some((ws, r, tok)) = t.take(name) {
-                        assert!(t.restore(name, ws, r, tok, 100.0, W));
+                    if let Some((ws, r, tok)) = table.take(name) {
+                        assert!(table.restore(name, ws, r, tok, 100.0, W));
                     }
                 }
                 std::thread::yield_now();
@@ -1073,27 +1461,36 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
             .map(|th| {
                 let (admitted_req, admitted_tok) = (&admitted_req, &admitted_tok);
                 s.spawn(move || {
-                    for k in 0..20_000u32 {
-                        let a = ((k + th) as usize) % names.len();
-                        let b = (a + 1 + (k as usize % 3)) % names.len();
-                        let tokens = k % 5;
+                    // Checks race the sync for many of its rounds.
+                    let mut round = 0u32;
+                    while round < 20_000 || syncs.load(Relaxed) < 200 {
+                        round = round.wrapping_add(1);
+                        let first = ((round + th) as usize) % names.len();
+                        let second = (first + 1 + (round as usize % 3)) % names.len();
+                        let tokens = round % 5;
                         let scopes = [
                             ScopeLimit {
-                                name: &names[a],
+                                name: &names[first],
                                 rpm: u32::MAX / 2,
                                 tpm: u32::MAX / 2,
                             },
                             ScopeLimit {
-                                name: &names[b],
+                                name: &names[second],
                                 rpm: u32::MAX / 2,
                                 tpm: 0,
                             },
                         ];
-                        let d = t.check(&scopes, &request(tokens, 100.0));
-                        if d.outcome == Outcome::Admitted {
-                            admitted_req.fetch_add(2, Relaxed);
-                            admitted_tok.fetch_add(2 * i64::from(tokens), Relaxed);
+                        match table.check(&scopes, &request(tokens, 100.0)).outcome {
+                            Outcome::Admitted => {}
+                            Outcome::Exact | Outcome::Load => {
+                                fleet
+                                    .lock()
+                                    .exact(table, &[&names[first], &names[second]], tokens);
+                            }
+                            Outcome::Denied => continue,
                         }
+                        admitted_req.fetch_add(2, Relaxed);
+                        admitted_tok.fetch_add(2 * i64::from(tokens), Relaxed);
                     }
                 })
             })
@@ -1104,11 +1501,32 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
         stop.store(true, Relaxed);
     });
 
-    for d in t.drain() {
-        synced_req.fetch_add(d.requests, Relaxed);
-        synced_tok.fetch_add(d.tokens, Relaxed);
+    // Releasing every lease settles the table to zero: Redis then counts exactly what was
+    // admitted. The first sync gives the leases back; the second finds nothing left to
+    // push and frees the records.
+    let mut fleet = fleet.into_inner();
+    fleet.sync(&table, 0);
+    fleet.sync(&table, 0);
+    for name in &names {
+        assert_eq!(table.take(name), None, "{name}");
     }
+    let counted = fleet
+        .totals
+        .values()
+        .fold((0i64, 0i64), |(r, tok), &(a, b)| {
+            (r + i64::from(a), tok + i64::from(b))
+        });
+    assert!(fleet.granted.0 > 0, "leases were granted");
     assert!(admitted_req.load(Relaxed) > 0);
-    assert_eq!(synced_req.load(Relaxed), admitted_req.load(Relaxed));
-    assert_eq!(synced_tok.load(Relaxed), admitted_tok.load(Relaxed));
+    assert_eq!(
+        counted,
+        (admitted_req.load(Relaxed), admitted_tok.load(Relaxed))
+    );
+    assert_eq!(
+        (
+            fleet.pushed.0 + fleet.granted.0 + fleet.exact.0,
+            fleet.pushed.1 + fleet.granted.1 + fleet.exact.1
+        ),
+        counted
+    );
 }
