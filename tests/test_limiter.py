@@ -266,6 +266,8 @@ async def test_clean_stop_flushes_every_delta(redis_url: str, clock: FakeClock) 
         ({"tokens": -5}, "tokens must be between 0"),
         ({"tokens": math.nan}, "tokens must be an int"),
         ({"tokens": 2.0}, "tokens must be an int"),
+        ({"rpm": True}, "rpm must be an int or None, got bool"),
+        ({"tokens": True}, "tokens must be an int, got bool"),
     ],
 )
 async def test_bad_numbers_raise_before_any_charge(

@@ -159,3 +159,59 @@ def test_bad_check_arguments_raise_value_errors(kwargs: dict[str, float], messag
     with pytest.raises((ValueError, OverflowError), match=message):
         table.check_one(**args)  # type: ignore[arg-type]
     assert len(table) == 0
+
+
+class _Str(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (("",), ValueError, "scope"),
+        (("x" * 1025,), ValueError, "scope"),
+        (("\ud800",), ValueError, "scope"),
+        ((_Str("user:x"),), TypeError, "scope"),
+        ((b"user:x",), TypeError, "scope"),
+        (("user:x", 0), ValueError, "rpm"),
+        (("user:x", 2**32), ValueError, "rpm"),
+        (("user:x", True), TypeError, "rpm"),
+        (("user:x", 5.0), TypeError, "rpm"),
+        (("user:x", None, -1), ValueError, "tpm"),
+        (("user:x", None, None, True), TypeError, "tokens"),
+        (("user:x", None, None, -1), ValueError, "tokens"),
+        (("user:x", None, None, 0, math.nan), ValueError, "now"),
+        (("user:x", None, None, 0, 1e9, 0), ValueError, "window"),
+        (("user:x", None, None, 0, 1e9, 60, 0), ValueError, "proxies"),
+    ],
+)
+def test_decide_one_validates_as_the_limiter_does(
+    args: tuple[object, ...], error: type[Exception], message: str
+) -> None:
+    table = _native.Table(10, 1)
+    full = args + ("user:x", 5, 5, 0, 1e9, 60, 1, True)[len(args) :]
+    with pytest.raises(error, match=message):
+        table.decide_one(*full)  # type: ignore[arg-type]
+    assert len(table) == 0
+
+
+def test_decide_one_answers_as_check_one() -> None:
+    """Admitted and denied give a Decision's fields; a scope that needs Redis gives None."""
+    table = _native.Table(10, 1)
+    assert table.decide_one("user:x", 2, None, 3, START, WINDOW, 1, False) is None
+    assert table.decide_one("user:x", 2, None, 3, START, WINDOW, 1, True) == (
+        True,
+        1,
+        0.0,
+        None,
+        None,
+    )
+    assert table.decide_one("user:x", None, 100, 3, START, WINDOW, 1, True) == (
+        True,
+        None,
+        0.0,
+        94,
+        None,
+    )
+    denied = table.decide_one("user:x", 2, None, 3, START + 4.0, WINDOW, 1, True)
+    assert denied == (False, None, WINDOW - 4.0, None, "user:x")

@@ -25,6 +25,8 @@ from ._redis import Call, Delta, RedisBackend, Reply, redact
 
 logger = logging.getLogger(__name__)
 
+# Builds a Decision from a tuple of its fields, without NamedTuple's Python-level __new__.
+_new_tuple = tuple.__new__
 _ADMITTED = _native.ADMITTED
 _DENIED = _native.DENIED
 _LOAD = _native.LOAD
@@ -250,16 +252,23 @@ class TieredLimiter:
             The decision, or None where only Redis can answer: a scope not yet read from
             Redis, or the last stretch before a limit. Then call `acquire`.
         """
-        scope = _validate.scope(scope)
-        r = _validate.limit(rpm, "rpm")
-        t = _validate.limit(tpm, "tpm")
-        n = _validate.tokens(tokens)
-        result = self._table.check_one(
-            scope, r, t, n, self._now(), self._window, self._proxies, offline=self._offline
-        )
-        if result[0] > _DENIED:
-            return self._fallback([scope], [r], [t], n) if self._degraded else None
-        return _decision(result, (scope,))
+        # The hot path: one native call validates, checks and returns a Decision's fields.
+        clock = self._clock
+        now = clock() if clock is not None else time.time() + self._offset
+        try:
+            fields = self._table.decide_one(
+                scope, rpm, tpm, tokens, now, self._window, self._proxies, self._backend is None
+            )
+        except (TypeError, ValueError):
+            # Raise the limiter's own error for the argument, as the slow paths do.
+            _validate_one(scope, rpm, tpm, tokens)
+            raise
+        if fields is None:
+            if not self._degraded:
+                return None
+            r, t = _validate.limit(rpm, "rpm"), _validate.limit(tpm, "tpm")
+            return self._fallback([scope], [r], [t], tokens)
+        return _new_tuple(Decision, fields)
 
     async def acquire(
         self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0
@@ -628,6 +637,14 @@ def _log_crash(task: asyncio.Task[None]) -> None:
     exc = task.exception()
     if exc is not None:
         logger.error("the tiered_limiter sync task died", exc_info=exc)
+
+
+def _validate_one(scope: object, rpm: object, tpm: object, tokens: object) -> None:
+    """Raise the limiter's own error for the first unusable argument of a one-scope check."""
+    _validate.scope(scope)
+    _validate.limit(rpm, "rpm")
+    _validate.limit(tpm, "tpm")
+    _validate.tokens(tokens)
 
 
 def _unpack(limits: Sequence[Limit]) -> tuple[list[str], list[int], list[int]]:

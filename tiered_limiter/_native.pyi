@@ -98,6 +98,35 @@ class Table:
     ) -> tuple[int, int, int, int, float]:
         """`check` for a single scope, without building sequences."""
 
+    def decide_one(
+        self,
+        scope: str,
+        rpm: int | None,
+        tpm: int | None,
+        tokens: int,
+        now: float,
+        window: int,
+        proxies: int,
+        offline: bool,
+        /,
+    ) -> tuple[bool, int | None, float, int | None, str | None] | None:
+        """`check_one` for `TieredLimiter.try_acquire`'s hot path, in one call.
+
+        The arguments are validated as the limiter validates them (`scope` exactly a `str` of
+        1 to 1024 bytes of UTF-8; `rpm` and `tpm` None for no limit, else exactly an `int`
+        from 1 to 2**32 - 1; `tokens` exactly an `int` from 0 to 2**32 - 1), before any
+        counter changes.
+
+        Returns:
+            The fields of a `Decision`, `(allowed, remaining, retry_after, remaining_tokens,
+            scope)`, when local state decides (`ADMITTED` or `DENIED`); None for `LOAD` and
+            `EXACT`.
+
+        Raises:
+            TypeError: An argument has the wrong type (the message names it).
+            ValueError: An argument is out of range.
+        """
+
     def record(self, scope: str, tokens: int, now: float, window: int) -> bool:
         """Add a signed token correction to a scope's pending delta.
 

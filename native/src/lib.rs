@@ -16,13 +16,27 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use pyo3::exceptions::{PyOSError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple};
 use smallvec::SmallVec;
 
-use crate::table::{ConfigError, Decision, Request, ScopeLimit, Table, Totals, MAX_SCOPES};
+use crate::table::{
+    ConfigError, Decision, Outcome, Request, ScopeLimit, Table, Totals, MAX_SCOPES,
+};
 
 /// The five values `check` returns to Python.
 type CheckResult = (i32, i64, i64, i64, f64);
+
+/// A `Decision`'s fields: allowed, remaining, `retry_after`, remaining tokens, denying scope.
+type DecisionFields<'py> = (
+    bool,
+    Option<i64>,
+    f64,
+    Option<i64>,
+    Option<Bound<'py, PyAny>>,
+);
+
+/// The longest scope name, in bytes of UTF-8, as `tiered_limiter._validate` allows.
+const MAX_SCOPE_BYTES: usize = 1024;
 
 /// Runs a method body, turning a panic into a `RuntimeError`.
 fn guarded<T>(method: &str, body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
@@ -143,6 +157,48 @@ fn seq_arg<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Bound<'py, PyLi
         list.append(item?)?;
     }
     Ok(list)
+}
+
+/// A scope name as the limiter accepts it: exactly a `str`, 1 to 1024 bytes of UTF-8.
+fn scope_arg<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
+    if !obj.is_exact_instance_of::<PyString>() {
+        return Err(type_error(obj, "scope", "a str"));
+    }
+
+    // A checked cast cannot fail after the exact type test above.
+    let text = obj
+        .cast::<PyString>()
+        .map_err(|_| type_error(obj, "scope", "a str"))?
+        .to_str()
+        .map_err(|_| PyValueError::new_err("scope must be encodable as UTF-8"))?;
+    if text.is_empty() || text.len() > MAX_SCOPE_BYTES {
+        return Err(PyValueError::new_err(format!(
+            "scope must be 1 to {MAX_SCOPE_BYTES} bytes in UTF-8, got {} bytes",
+            text.len()
+        )));
+    }
+    Ok(text)
+}
+
+/// A limit as the limiter accepts it: None (no limit, 0 here) or exactly an `int` from 1 to
+/// `u32::MAX` (`bool` and other `int` subclasses are refused, as in Python).
+fn limit_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u32> {
+    if obj.is_none() {
+        return Ok(0);
+    }
+    if !obj.is_exact_instance_of::<PyInt>() {
+        return Err(type_error(obj, name, "an int or None"));
+    }
+
+    match obj.extract::<u32>() {
+        Ok(v) if v > 0 => Ok(v),
+        _ => Err(PyValueError::new_err(format!(
+            "{name} must be between 1 and {}, got {}",
+            u32::MAX,
+            obj.repr()
+                .map_or_else(|_| "?".to_owned(), |r| r.to_string())
+        ))),
+    }
 }
 
 fn decision_tuple(d: &Decision) -> CheckResult {
@@ -272,6 +328,48 @@ impl PyTable {
             };
             let req = request(tokens, now, window, proxies, offline)?;
             Ok(decision_tuple(&self.inner.check(&[limit], &req)))
+        })
+    }
+
+    /// `check_one` for `TieredLimiter.try_acquire`: positional arguments validated as the
+    /// limiter validates them, None for no limit, and the result as a `Decision`'s fields.
+    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, offline, /))]
+    #[allow(clippy::too_many_arguments)]
+    fn decide_one<'py>(
+        &self,
+        scope: &Bound<'py, PyAny>,
+        rpm: &Bound<'_, PyAny>,
+        tpm: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        now: &Bound<'_, PyAny>,
+        window: &Bound<'_, PyAny>,
+        proxies: &Bound<'_, PyAny>,
+        offline: bool,
+    ) -> PyResult<Option<DecisionFields<'py>>> {
+        guarded("decide_one", || {
+            let name = scope_arg(scope)?;
+            let limit = ScopeLimit {
+                name,
+                rpm: limit_arg(rpm, "rpm")?,
+                tpm: limit_arg(tpm, "tpm")?,
+            };
+            if !tokens.is_exact_instance_of::<PyInt>() {
+                return Err(type_error(tokens, "tokens", "an int"));
+            }
+            let req = request(tokens, now, window, proxies, offline)?;
+            let d = self.inner.check(&[limit], &req);
+            let known = |v: i64| (v >= 0).then_some(v);
+            Ok(match d.outcome {
+                Outcome::Admitted => Some((
+                    true,
+                    known(d.remaining_requests),
+                    d.retry_after,
+                    known(d.remaining_tokens),
+                    None,
+                )),
+                Outcome::Denied => Some((false, None, d.retry_after, None, Some(scope.clone()))),
+                Outcome::Load | Outcome::Exact => None,
+            })
         })
     }
 
