@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiered_limiter import _native
+from tiered_limiter import Decision, _native
 
 from .reference_table import ReferenceTable
 
@@ -215,3 +215,19 @@ def test_decide_one_answers_as_check_one() -> None:
     )
     denied = table.decide_one("user:x", 2, None, 3, START + 4.0, WINDOW, 1, True)
     assert denied == (False, None, WINDOW - 4.0, None, "user:x")
+
+
+def test_decide_one_builds_the_decision_class() -> None:
+    table = _native.Table(10, 1, Decision)
+    decision = table.decide_one("user:x", 1, None, 0, START, WINDOW, 1, True)
+    assert type(decision) is Decision
+    assert decision == Decision(True, 0, 0.0, None, None)
+    denied = table.decide_one("user:x", 1, None, 0, START, WINDOW, 1, True)
+    assert denied == Decision(False, None, float(WINDOW), None, "user:x")
+    assert denied.scope == "user:x"
+
+
+@pytest.mark.parametrize("decision", [dict, 5, "Decision"])
+def test_decision_class_must_be_a_tuple_subclass(decision: object) -> None:
+    with pytest.raises(TypeError, match="decision must be a subclass of tuple"):
+        _native.Table(10, 1, decision)  # type: ignore[arg-type]

@@ -79,7 +79,7 @@ def _proxy(mode: str, url: str, progress: Any, slot: int, out: Any) -> None:
 
 
 def _commands(client: redis.Redis) -> int:
-    stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment, unused-ignore]
     return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
 
 

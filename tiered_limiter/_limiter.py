@@ -25,8 +25,6 @@ from ._redis import Call, Delta, RedisBackend, Reply, redact
 
 logger = logging.getLogger(__name__)
 
-# Builds a Decision from a tuple of its fields, without NamedTuple's Python-level __new__.
-_new_tuple = tuple.__new__
 _ADMITTED = _native.ADMITTED
 _DENIED = _native.DENIED
 _LOAD = _native.LOAD
@@ -143,7 +141,7 @@ class TieredLimiter:
         _validate.positive_int(shards, "shards", maximum=1024)
         if shards & (shards - 1):
             raise InvalidArgumentError(f"shards must be a power of two, got {shards}")
-        self._table = _native.Table(max_scopes, shards)
+        self._table = _native.Table(max_scopes, shards, Decision)
         self._clock = clock
         self._offset = 0.0
         self._proxy_id = proxy_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -252,23 +250,21 @@ class TieredLimiter:
             The decision, or None where only Redis can answer: a scope not yet read from
             Redis, or the last stretch before a limit. Then call `acquire`.
         """
-        # The hot path: one native call validates, checks and returns a Decision's fields.
+        # The hot path: one native call validates, checks and builds the Decision.
         clock = self._clock
         now = clock() if clock is not None else time.time() + self._offset
         try:
-            fields = self._table.decide_one(
+            decision: Decision | None = self._table.decide_one(
                 scope, rpm, tpm, tokens, now, self._window, self._proxies, self._backend is None
             )
         except (TypeError, ValueError):
             # Raise the limiter's own error for the argument, as the slow paths do.
             _validate_one(scope, rpm, tpm, tokens)
             raise
-        if fields is None:
-            if not self._degraded:
-                return None
+        if decision is None and self._degraded:
             r, t = _validate.limit(rpm, "rpm"), _validate.limit(tpm, "tpm")
             return self._fallback([scope], [r], [t], tokens)
-        return _new_tuple(Decision, fields)
+        return decision
 
     async def acquire(
         self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0

@@ -12,7 +12,7 @@ whole seconds, as LiteLLM writes them.
 """
 
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Any, Final, final
 
 from typing_extensions import Self
 
@@ -36,13 +36,19 @@ class Table:
             idle, synced scope; when every tracked scope has unsynced deltas, the new scope is
             not tracked (`apply` returns False) and its checks keep going to Redis.
         shards: How many independently locked parts the table has (a power of two).
+        decision: A subclass of `tuple` with five fields (the limiter's `Decision`) that
+            `decide_one` builds its answers as, without calling the class's `__new__`; None
+            for plain tuples.
 
     Raises:
         ValueError: `max_scopes` is 0 or above 2**31, or `shards` is not a power of two
             between 1 and 1024.
+        TypeError: `decision` is not a subclass of `tuple`.
     """
 
-    def __new__(cls, max_scopes: int, shards: int = 64) -> Self: ...
+    def __new__(
+        cls, max_scopes: int, shards: int = 64, decision: type[tuple[Any, ...]] | None = None
+    ) -> Self: ...
     def check(
         self,
         scopes: Sequence[str],
@@ -109,7 +115,7 @@ class Table:
         proxies: int,
         offline: bool,
         /,
-    ) -> tuple[bool, int | None, float, int | None, str | None] | None:
+    ) -> Any:
         """`check_one` for `TieredLimiter.try_acquire`'s hot path, in one call.
 
         The arguments are validated as the limiter validates them (`scope` exactly a `str` of
@@ -118,9 +124,10 @@ class Table:
         counter changes.
 
         Returns:
-            The fields of a `Decision`, `(allowed, remaining, retry_after, remaining_tokens,
-            scope)`, when local state decides (`ADMITTED` or `DENIED`); None for `LOAD` and
-            `EXACT`.
+            When local state decides (`ADMITTED` or `DENIED`), `(allowed, remaining,
+            retry_after, remaining_tokens, scope)` as an instance of the table's `decision`
+            class (a plain tuple without one): `remaining*` None where no such limit, `scope`
+            the scope when denied, else None. None for `LOAD` and `EXACT`.
 
         Raises:
             TypeError: An argument has the wrong type (the message names it).

@@ -289,7 +289,7 @@ class RedisBackend:
 
     async def ping(self, timeout: float) -> None:
         """Raise if Redis does not answer a PING within `timeout` seconds."""
-        await asyncio.wait_for(self.client.ping(), timeout)  # type: ignore[arg-type]
+        await asyncio.wait_for(self.client.ping(), timeout)  # type: ignore[arg-type, unused-ignore]
         self.round_trips += 1
         self.commands += 1
 

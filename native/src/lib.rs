@@ -14,9 +14,10 @@ pub mod table;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::exceptions::{PyOSError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 use smallvec::SmallVec;
 
 use crate::table::{
@@ -60,7 +61,8 @@ fn int_arg(obj: &Bound<'_, PyAny>, name: &str, lo: i64, hi: i64, what: &str) -> 
             .map_or_else(|_| "?".to_owned(), |r| r.to_string());
         PyValueError::new_err(format!("{name} must be {what}, got {shown}"))
     };
-    if obj.is_instance_of::<pyo3::types::PyFloat>() || obj.is_instance_of::<PyString>() {
+    let exact_int = obj.is_exact_instance_of::<PyInt>();
+    if !exact_int && (obj.is_instance_of::<PyFloat>() || obj.is_instance_of::<PyString>()) {
         return Err(type_error(obj, name, "an int"));
     }
 
@@ -201,6 +203,61 @@ fn limit_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u32> {
     }
 }
 
+/// The `decision` argument of `Table`: a subclass of `tuple`.
+fn decision_arg<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyType>> {
+    let cls = obj
+        .cast::<PyType>()
+        .map_err(|_| type_error(obj, "decision", "a subclass of tuple"))?;
+    if !cls.is_subclass_of::<PyTuple>()? {
+        let shown = cls
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        return Err(PyTypeError::new_err(format!(
+            "decision must be a subclass of tuple, got {shown}"
+        )));
+    }
+    Ok(cls.clone())
+}
+
+/// An instance of `cls`, a subclass of `tuple` (checked by `decision_arg`), holding `fields`.
+///
+/// It is built as `tuple.__new__` builds one, without calling `cls.__new__`: a `NamedTuple`'s
+/// is a Python function, and calling it costs as much as the whole check.
+fn new_decision<'py>(
+    cls: &Bound<'py, PyType>,
+    fields: DecisionFields<'py>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = cls.py();
+    let (allowed, remaining, retry_after, remaining_tokens, scope) = fields;
+    let items = [
+        PyBool::new(py, allowed).to_owned().into_any(),
+        remaining.into_pyobject(py)?.into_any(),
+        PyFloat::new(py, retry_after).into_any(),
+        remaining_tokens.into_pyobject(py)?.into_any(),
+        scope.into_pyobject(py)?.into_any(),
+    ];
+    let tp = cls.as_type_ptr();
+    // SAFETY: `tp` is a live type object, kept alive by `cls`. Its `tp_alloc` slot is the
+    // allocator `tuple.__new__` uses for subclasses (never NULL: every type inherits one); an
+    // allocator returns a new reference to a zero-filled instance with room for the items, or
+    // NULL with an exception set, which `from_owned_ptr_or_err` turns into an error.
+    let obj = unsafe {
+        let slot = ffi::PyType_GetSlot(tp, ffi::Py_tp_alloc);
+        let alloc = std::mem::transmute::<*mut std::ffi::c_void, Option<ffi::allocfunc>>(slot)
+            .ok_or_else(|| PyRuntimeError::new_err("decision type has no allocator"))?;
+        Bound::from_owned_ptr_or_err(py, alloc(tp, 5))?
+    };
+    for (i, item) in (0..).zip(items) {
+        // SAFETY: `obj` is a tuple (a subclass's instance) that only this function holds
+        // (reference count 1, as `PyTuple_SetItem` requires), `i` is below its length, and
+        // `PyTuple_SetItem` takes over the item's reference, even when it fails.
+        if unsafe { ffi::PyTuple_SetItem(obj.as_ptr(), i, item.into_ptr()) } != 0 {
+            return Err(PyErr::fetch(py));
+        }
+    }
+    Ok(obj)
+}
+
 fn decision_tuple(d: &Decision) -> CheckResult {
     let index = d.index.map_or(-1, |i| i64::try_from(i).unwrap_or(i64::MAX));
     (
@@ -223,13 +280,22 @@ fn config_error(e: &ConfigError) -> PyErr {
 #[pyclass(frozen, module = "tiered_limiter._native", name = "Table")]
 struct PyTable {
     inner: Table,
+    /// The tuple subclass `decide_one` returns its fields as, or None for plain tuples.
+    decision: Option<Py<PyType>>,
 }
 
 #[pymethods]
 impl PyTable {
     #[new]
-    #[pyo3(signature = (max_scopes, shards = None), text_signature = "(max_scopes, shards=64)")]
-    fn new(max_scopes: &Bound<'_, PyAny>, shards: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    #[pyo3(
+        signature = (max_scopes, shards = None, decision = None),
+        text_signature = "(max_scopes, shards=64, decision=None)"
+    )]
+    fn new(
+        max_scopes: &Bound<'_, PyAny>,
+        shards: Option<&Bound<'_, PyAny>>,
+        decision: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         guarded("__new__", || {
             let max_scopes = int_arg(
                 max_scopes,
@@ -247,7 +313,11 @@ impl PyTable {
                 usize::try_from(shards).unwrap_or(0),
             )
             .map_err(|e| config_error(&e))?;
-            Ok(Self { inner })
+            let decision = match decision {
+                Some(obj) if !obj.is_none() => Some(decision_arg(obj)?.unbind()),
+                _ => None,
+            };
+            Ok(Self { inner, decision })
         })
     }
 
@@ -345,7 +415,7 @@ impl PyTable {
         window: &Bound<'_, PyAny>,
         proxies: &Bound<'_, PyAny>,
         offline: bool,
-    ) -> PyResult<Option<DecisionFields<'py>>> {
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         guarded("decide_one", || {
             let name = scope_arg(scope)?;
             let limit = ScopeLimit {
@@ -359,17 +429,22 @@ impl PyTable {
             let req = request(tokens, now, window, proxies, offline)?;
             let d = self.inner.check(&[limit], &req);
             let known = |v: i64| (v >= 0).then_some(v);
-            Ok(match d.outcome {
-                Outcome::Admitted => Some((
+            let fields: DecisionFields<'py> = match d.outcome {
+                Outcome::Admitted => (
                     true,
                     known(d.remaining_requests),
                     d.retry_after,
                     known(d.remaining_tokens),
                     None,
-                )),
-                Outcome::Denied => Some((false, None, d.retry_after, None, Some(scope.clone()))),
-                Outcome::Load | Outcome::Exact => None,
-            })
+                ),
+                Outcome::Denied => (false, None, d.retry_after, None, Some(scope.clone())),
+                Outcome::Load | Outcome::Exact => return Ok(None),
+            };
+            let py = scope.py();
+            match &self.decision {
+                Some(cls) => new_decision(cls.bind(py), fields).map(Some),
+                None => Ok(Some(fields.into_pyobject(py)?.into_any())),
+            }
         })
     }
 
