@@ -43,10 +43,11 @@ def install() -> bool:
         logger.warning("tiered_limiter: LiteLLM's legacy limiter is selected; not installing")
         return False
 
-    from litellm.proxy import proxy_server
-    from litellm.proxy.hooks import PROXY_HOOKS
+    # litellm is an optional dependency: import it only when a proxy asks for the adapter.
+    from litellm.proxy import proxy_server  # noqa: PLC0415
+    from litellm.proxy.hooks import PROXY_HOOKS  # noqa: PLC0415
 
-    from ._hook import TieredParallelRequestHandler
+    from ._hook import TieredParallelRequestHandler  # noqa: PLC0415  # imports litellm
 
     PROXY_HOOKS[_HOOK_NAME] = TieredParallelRequestHandler
     original = proxy_server.proxy_shutdown_event
@@ -61,7 +62,7 @@ def _closing(shutdown: Any) -> Any:
 
     @functools.wraps(shutdown)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ._hook import TieredParallelRequestHandler
+        from ._hook import TieredParallelRequestHandler  # noqa: PLC0415  # imports litellm
 
         try:
             return await shutdown(*args, **kwargs)

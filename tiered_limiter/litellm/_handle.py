@@ -20,6 +20,7 @@ from litellm.rust_bridge._native import (
     AtomicApplied,
     AtomicOverLimit,
     GuardedReply,
+    NativeSend,
     WindowCount,
 )
 
@@ -133,7 +134,7 @@ class TieredRateLimits:
     async def _start(self) -> bool:
         try:
             await self.limiter.start()
-        except Exception as exc:  # noqa: BLE001  # the request path must not fail; LiteLLM serves
+        except Exception as exc:  # the request path must not fail; LiteLLM serves
             self._next_start = time.monotonic() + _START_RETRY_SECONDS
             logger.warning(
                 "tiered_limiter could not start (%s); LiteLLM's own limiter serves until it does",
@@ -456,6 +457,4 @@ def _denied_index(counters: Sequence[Any], decision: Decision, tokens: int) -> i
 
 
 def _send_now() -> Any:
-    from litellm.rust_bridge._native import NativeSend
-
     return NativeSend.Now()

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from litellm._redis import get_redis_async_client
 from litellm.proxy._types import UserAPIKeyAuth
 from litellm.proxy.hooks.parallel_request_limiter_v3 import (
     _PROXY_MaxParallelRequestsHandler_v3,
@@ -23,15 +24,15 @@ logger = logging.getLogger(__name__)
 
 
 def _general_settings() -> Mapping[str, Any]:
-    from litellm.proxy import proxy_server
+    # The proxy has imported its server module by the time it builds its hooks; importing it
+    # when this module loads would start LiteLLM's whole proxy setup in any process.
+    from litellm.proxy import proxy_server  # noqa: PLC0415
 
     return proxy_server.general_settings or {}
 
 
 def _tier_client(redis_cache: Any) -> Any:
     """A redis-py asyncio client on the same Redis as LiteLLM's coordination cache."""
-    from litellm._redis import get_redis_async_client
-
     return get_redis_async_client(**redis_cache.redis_kwargs)
 
 

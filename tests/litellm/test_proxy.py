@@ -1,0 +1,220 @@
+"""The adapter inside real `litellm` proxies, against a real redis-server, over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from tiered_limiter.litellm import load
+
+from ..support import RedisServer
+from .conftest import MOCK_TOKENS, Keys, StartProxy, evalsha_calls, hashed, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _count(rdb: redis.Redis, scope: str, kind: str) -> int:
+    value = rdb.get(f"{{{scope}}}:{kind}")
+    return 0 if value is None else int(float(value))
+
+
+def test_denies_key_over_its_rpm_limit_with_litellms_429(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    key = keys.add("sk-rpm3", rpm_limit=3)
+    proxy = start_proxy()
+
+    assert proxy.statuses(key, 3) == [200, 200, 200]
+    denied = proxy.chat(key)
+
+    assert denied.status_code == 429
+    assert denied.headers["retry-after"]
+    assert "api_key" in denied.json()["error"]["message"]
+    scope = f"api_key:{hashed(key)}"
+    wait_for(lambda: _count(rdb, scope, "requests") == 3, what="3 requests synced to Redis")
+    assert rdb.get(f"{{{scope}}}:window") is not None
+
+
+def test_admitted_response_carries_litellms_ratelimit_headers(
+    start_proxy: StartProxy, keys: Keys
+) -> None:
+    key = keys.add("sk-headers", rpm_limit=10)
+    proxy = start_proxy()
+
+    first = proxy.chat(key)
+
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-api_key-limit-requests"] == "10"
+    assert first.headers["x-ratelimit-api_key-remaining-requests"] == "9"
+
+
+def test_enforces_user_limit_across_two_keys(start_proxy: StartProxy, keys: Keys) -> None:
+    a = keys.add("sk-user-a", user_id="u-1", user_rpm_limit=3)
+    b = keys.add("sk-user-b", user_id="u-1", user_rpm_limit=3)
+    proxy = start_proxy()
+
+    assert proxy.statuses(a, 2) + proxy.statuses(b, 1) == [200, 200, 200]
+    denied = proxy.chat(b)
+
+    assert denied.status_code == 429
+    assert "user" in denied.json()["error"]["message"]
+
+
+def test_enforces_team_limit_across_users(start_proxy: StartProxy, keys: Keys) -> None:
+    a = keys.add("sk-team-a", user_id="u-1", team_id="t-1", team_rpm_limit=2)
+    b = keys.add("sk-team-b", user_id="u-2", team_id="t-1", team_rpm_limit=2)
+    proxy = start_proxy()
+
+    assert [proxy.chat(a).status_code, proxy.chat(b).status_code] == [200, 200]
+    assert proxy.chat(a).status_code == 429
+
+
+def test_enforces_per_model_limit_of_a_key(start_proxy: StartProxy, keys: Keys) -> None:
+    key = keys.add("sk-model", rpm_limit=100, metadata={"model_rpm_limit": {"fake": 2}})
+    proxy = start_proxy()
+
+    assert proxy.statuses(key, 2) == [200, 200]
+    denied = proxy.chat(key)
+
+    assert denied.status_code == 429
+    assert "model_per_key" in denied.json()["error"]["message"]
+
+
+def test_charges_actual_tokens_after_the_call(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    """The estimate charged before the call is corrected to the usage the response reports."""
+    key = keys.add("sk-tpm", rpm_limit=100, tpm_limit=100_000)
+    proxy = start_proxy()
+    scope = f"api_key:{hashed(key)}"
+
+    assert proxy.statuses(key, 4) == [200] * 4
+    # Redis also holds the proxy's leases until it gives them back; a clean stop does.
+    proxy.stop()
+
+    assert _count(rdb, scope, "requests") == 4
+    assert _count(rdb, scope, "tokens") == 4 * MOCK_TOKENS
+
+
+def test_denies_when_token_limit_is_spent(start_proxy: StartProxy, keys: Keys) -> None:
+    """With no reservation, usage charged after each call spends the token limit."""
+    key = keys.add("sk-tpm-small", tpm_limit=2 * MOCK_TOKENS)
+    proxy = start_proxy(env={"LITELLM_TPM_TOKEN_RESERVATION_ENABLED": "false"})
+
+    assert proxy.statuses(key, 2) == [200, 200]
+    statuses = [proxy.chat(key).status_code for _ in range(2)]
+
+    # A call's usage is charged just after its response is sent, so at most one more request
+    # may start before the second call's usage is in; none after that.
+    assert statuses in ([429, 429], [200, 429]), statuses
+
+
+def test_mixed_fleet_agrees_on_one_count(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    """A proxy with the tier and one without share each key's window in Redis."""
+    first = keys.add("sk-fleet-stock-first", rpm_limit=6)
+    second = keys.add("sk-fleet-tier-first", rpm_limit=6)
+    tiered = start_proxy()
+    stock = start_proxy(tier=False)
+
+    # The tier reads LiteLLM's count and admits exactly what is left; LiteLLM then sees the
+    # tier's admissions (and counts its own first rejection, as it always does).
+    assert stock.statuses(first, 3) == [200, 200, 200]
+    assert tiered.statuses(first, 4) == [200, 200, 200, 429]
+    assert stock.chat(first).status_code == 429
+    assert _count(rdb, f"api_key:{hashed(first)}", "requests") == 7
+
+    # A tier proxy that stops cleanly gives its leases back: Redis holds what it admitted, and
+    # LiteLLM admits exactly the rest.
+    assert tiered.statuses(second, 3) == [200, 200, 200]
+    tiered.stop()
+    assert _count(rdb, f"api_key:{hashed(second)}", "requests") == 3
+    assert stock.statuses(second, 4) == [200, 200, 200, 429]
+
+
+def test_warm_key_makes_no_redis_script_call_per_request(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    key = keys.add("sk-warm", rpm_limit=10_000, tpm_limit=10_000_000)
+    proxy = start_proxy(env={"TIERED_LIMITER_SYNC_INTERVAL": "0.5"})
+    assert proxy.statuses(key, 5) == [200] * 5
+
+    before = evalsha_calls(rdb)
+    assert proxy.statuses(key, 60) == [200] * 60
+    scripts = evalsha_calls(rdb) - before
+
+    # LiteLLM's own limiter runs 3 scripts per request here; the tier runs a few per sync.
+    assert scripts < 60 / 2, scripts
+
+
+def test_kill_switch_leaves_litellms_limiter_in_charge(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    key = keys.add("sk-off", rpm_limit=3)
+    proxy = start_proxy(env={"TIERED_LIMITER": "off"})
+
+    before = evalsha_calls(rdb)
+    assert proxy.statuses(key, 4) == [200, 200, 200, 429]
+
+    # LiteLLM's limiter runs its scripts in the request, and counts the first rejection.
+    assert evalsha_calls(rdb) - before >= 3
+    assert _count(rdb, f"api_key:{hashed(key)}", "requests") == 4
+
+
+def test_canary_sends_a_stable_share_of_keys_to_the_tier(
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+) -> None:
+    settings = load(environ={"TIERED_LIMITER": "canary:50"})
+    candidates = [f"sk-canary-{i}" for i in range(40)]
+    inside = next(k for k in candidates if settings.takes_tier(hashed(k)))
+    outside = next(k for k in candidates if not settings.takes_tier(hashed(k)))
+    keys.add(inside, rpm_limit=3)
+    keys.add(outside, rpm_limit=3)
+    proxy = start_proxy(env={"TIERED_LIMITER": "canary:50"})
+
+    assert proxy.statuses(inside, 4) == [200, 200, 200, 429]
+    assert proxy.statuses(outside, 4) == [200, 200, 200, 429]
+
+    # LiteLLM counts its first rejection in Redis; the tier charges a denial nothing.
+    assert _count(rdb, f"api_key:{hashed(outside)}", "requests") == 4
+    wait_for(lambda: _count(rdb, f"api_key:{hashed(inside)}", "requests") == 3, what="tier count")
+
+
+def test_canary_share_is_stable_and_close_to_its_percent() -> None:
+    settings = load(environ={"TIERED_LIMITER": "canary:25"})
+    picked = [settings.takes_tier(hashed(f"sk-{i}")) for i in range(4000)]
+
+    assert picked == [settings.takes_tier(hashed(f"sk-{i}")) for i in range(4000)]
+    assert 0.22 < sum(picked) / len(picked) < 0.28
+
+
+def test_serves_through_redis_outage_and_resyncs_after(
+    start_proxy: StartProxy, keys: Keys, redis_srv: RedisServer, rdb: redis.Redis
+) -> None:
+    """Redis killed: the key stays limited from local state, with no server error; Redis
+    restarted empty: what the proxy admitted during the outage reaches it."""
+    key = keys.add("sk-outage", rpm_limit=5)
+    proxy = start_proxy()
+    scope = f"api_key:{hashed(key)}"
+    assert proxy.statuses(key, 2) == [200, 200]
+    # An idle scope gives its lease back (after the core's idle_release, 5 s), so that Redis
+    # holds the two admissions alone and every admission of the outage is a charge to push.
+    wait_for(lambda: _count(rdb, scope, "requests") == 2, timeout=30, what="the lease given back")
+
+    redis_srv.stop()
+    during = proxy.statuses(key, 4)
+
+    # 2 + 3 admitted, then denied: this proxy's share of what was left at its last sync.
+    assert during == [200, 200, 200, 429], proxy.tail(60)
+    redis_srv.start()
+    client = redis.Redis(port=redis_srv.port, decode_responses=True)
+    try:
+        wait_for(
+            lambda: _count(client, scope, "requests") == 3,
+            timeout=30,
+            what="the outage's 3 admissions pushed to the restarted Redis",
+        )
+        assert client.get(f"{{{scope}}}:window") is not None
+    finally:
+        client.close()
