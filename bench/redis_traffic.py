@@ -1,11 +1,20 @@
-"""Redis commands per request under steady load over many scopes, tier against Redis-per-request.
+"""Redis traffic per request under steady load, the tier against Redis on every request.
 
-Drives one process's limiter at a steady rate over `--scopes` API keys (rpm and tpm limits with
-headroom) against a throwaway redis-server, for `--seconds`, and counts what Redis executed
-(INFO commandstats, script internals included) and the round trips. The same workload then runs
-through the exact script on every request, as LiteLLM's own limiter goes to Redis each time.
+One process's `TieredLimiter` is driven at a steady `--rate` over `--scopes` API keys (rpm
+and tpm limits with headroom, every scope charged every interval) against a throwaway
+redis-server. After `--warmup` seconds (cold loads, leases growing to the rate), Redis's
+own counters are read over `--seconds`: commands executed (INFO commandstats, commands run
+inside scripts included), script calls (EVALSHA) and read events (INFO stats
+`total_reads_processed`, about one per round trip), beside the limiter's own counts of
+syncs, cold loads and exact checks. Per sync it splits the commands into the heartbeat
+(one script) and the rest per active scope, the figures `docs/capacity.md` builds on.
 
-    .venv/bin/python bench/redis_traffic.py [--scopes 1000] [--rate 20000] [--seconds 10]
+Several `--scopes` and `--interval` values give one line each. The baseline then runs the
+same load through the tier's exact script on every request (LiteLLM's own limiter also goes
+to Redis on every request; its figures come from `bench/proxy.py`).
+
+    .venv/bin/python bench/redis_traffic.py [--scopes 1000] [--interval 0.1 0.5]
+        [--rate 20000] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis
 
@@ -20,15 +31,34 @@ from tiered_limiter import TieredLimiter
 from tiered_limiter._redis import Call, RedisBackend
 from tiered_limiter._server import RedisServer
 
-
-def commands(client: redis.Redis) -> tuple[int, int]:
-    stats = client.info("commandstats")
-    total = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-    scripts = int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-    return total, scripts
+HEARTBEAT_COMMANDS = 6  # EVALSHA, TIME, ZADD, ZREMRANGEBYSCORE, EXPIRE, ZCARD (heartbeat.lua)
 
 
-async def drive(acquire, scopes: list[str], rate: float, seconds: float) -> int:
+def counters(client: redis.Redis) -> dict[str, int]:
+    """Commands (in all and by name), script calls and read events so far, INFO excluded."""
+    commands = client.info("commandstats")
+    reads = int(client.info("stats")["total_reads_processed"])
+    by_name = {
+        k.removeprefix("cmdstat_"): int(v["calls"])
+        for k, v in commands.items()
+        if k != "cmdstat_info"
+    }
+    total = sum(by_name.values())
+    scripts = by_name.get("evalsha", 0)
+    return {"commands": total, "scripts": scripts, "reads": reads} | {
+        f"cmd:{k}": v for k, v in by_name.items()
+    }
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    d["reads"] -= 2  # the two INFO calls of the `after` reading
+    return d
+
+
+async def drive(
+    acquire: Callable[[str], Awaitable[object]], scopes: list[str], rate: float, seconds: float
+) -> int:
     """Send `rate` requests a second for `seconds`, in steps of 10 ms; returns the count."""
     sent = 0
     started = time.monotonic()
@@ -41,51 +71,116 @@ async def drive(acquire, scopes: list[str], rate: float, seconds: float) -> int:
     return sent
 
 
+async def tier_run(
+    server: RedisServer, n_scopes: int, interval: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    scopes = [f"api_key:{n_scopes}-{interval}-{i:058x}" for i in range(n_scopes)]
+    client = server.client()
+    async with TieredLimiter(server.url, sync_interval=interval) as lim:
+
+        async def acquire(scope: str) -> None:
+            decision = await lim.acquire(scope, rpm=10**9, tpm=10**9, tokens=100)
+            assert decision.allowed
+
+        await drive(acquire, scopes, args.rate, args.warmup)
+        before, stats0 = counters(client), lim.stats()
+        started = time.monotonic()
+        sent = await drive(acquire, scopes, args.rate, args.seconds)
+        elapsed = time.monotonic() - started
+        d, stats1 = delta(counters(client), before), lim.stats()
+    client.close()
+    syncs = stats1["syncs"] - stats0["syncs"]
+    trips = stats1["redis_round_trips"] - stats0["redis_round_trips"]
+    per_sync = d["commands"] / max(syncs, 1)
+    return {
+        "scopes": n_scopes,
+        "interval": interval,
+        "rps": sent / elapsed,
+        "cmds_s": d["commands"] / elapsed,
+        "scripts_s": d["scripts"] / elapsed,
+        "reads_s": d["reads"] / elapsed,
+        "cmds_req": d["commands"] / sent,
+        "sent_req": d["scripts"] / sent,
+        "by_name": {
+            k.removeprefix("cmd:"): v / max(syncs, 1) / n_scopes
+            for k, v in sorted(d.items(), key=lambda kv: -kv[1])
+            if k.startswith("cmd:") and v
+        },
+        "trips_req": d["reads"] / sent,
+        "syncs_s": syncs / elapsed,
+        "loads": stats1["loads"] - stats0["loads"],
+        "exact": stats1["exact_checks"] - stats0["exact_checks"],
+        "other_trips": trips - syncs,
+        "per_sync": per_sync,
+        "per_scope": (per_sync - HEARTBEAT_COMMANDS) / n_scopes,
+    }
+
+
+async def every_request(server: RedisServer, n_scopes: int, args: argparse.Namespace) -> float:
+    """Commands per request when every request runs the exact script."""
+    scopes = [f"api_key:base-{i:059x}" for i in range(n_scopes)]
+    rc = redis.asyncio.Redis.from_url(server.url)
+    backend = RedisBackend(rc, namespace="", window=60, clock=None)
+    client = server.client()
+
+    async def acquire(scope: str) -> None:
+        reply = await backend.acquire([Call(scope, rpm=10**9, tpm=10**9)], 100)
+        assert reply.allowed
+
+    await drive(acquire, scopes, args.rate, 1.0)
+    before = counters(client)
+    sent = await drive(acquire, scopes, args.rate, min(args.seconds, 3))
+    d = delta(counters(client), before)
+    await rc.aclose()
+    client.close()
+    return d["commands"] / sent
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scopes", type=int, default=1000)
+    parser.add_argument("--scopes", type=int, nargs="*", default=[1000])
+    parser.add_argument("--interval", type=float, nargs="*", default=[0.1, 0.5])
     parser.add_argument("--rate", type=float, default=20_000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--warmup", type=float, default=3)
     args = parser.parse_args()
-    scopes = [f"api_key:{i:064x}" for i in range(args.scopes)]
 
+    print(
+        f"tier: {args.rate:.0f} requests/s offered, {args.warmup} s warm-up, "
+        f"{args.seconds} s measured; Redis commands include those run inside scripts"
+    )
+    print(
+        f"{'scopes':>6} {'interval':>8} {'req/s':>7} {'cmds/s':>8} {'scripts/s':>9} "
+        f"{'trips/s':>7} {'cmds/req':>8} {'scripts/req':>11} {'trips/req':>9} {'syncs/s':>7} "
+        f"{'cmds/sync':>9} {'cmds/scope/sync':>15} {'loads':>5} {'exact':>5}"
+    )
+    rows = []
     with RedisServer() as server:
-        client = server.client()
-        before = commands(client)
-        async with TieredLimiter(server.url, sync_interval=args.interval) as lim:
-
-            async def tier(scope: str) -> None:
-                await lim.acquire(scope, rpm=10**9, tpm=10**9, tokens=100)
-
-            sent = await drive(tier, scopes, args.rate, args.seconds)
-            stats = lim.stats()
-        after = commands(client)
-        tier_cmds = (after[0] - before[0]) / sent
-        print(
-            f"tier, interval {args.interval}s: {sent} requests over {args.scopes} scopes,"
-            f" {after[0] - before[0]} Redis commands ({after[1] - before[1]} scripts),"
-            f" {stats['redis_round_trips']} round trips"
-        )
-        print(
-            f"  commands/request {tier_cmds:.4f}, round trips/request "
-            f"{stats['redis_round_trips'] / sent:.4f}"
-        )
-
-        rc = redis.asyncio.Redis.from_url(server.url)
-        backend = RedisBackend(rc, namespace="base", window=60, clock=None)
-
-        async def every(scope: str) -> None:
-            await backend.acquire([Call(scope, 10**9, 10**9)], 100)
-
-        before = commands(client)
-        base_sent = await drive(every, scopes, args.rate, min(args.seconds, 3))
-        after = commands(client)
-        await rc.aclose()
-        base_cmds = (after[0] - before[0]) / base_sent
-        print(f"Redis on every request: {base_sent} requests, commands/request {base_cmds:.2f}")
-        print(f"  ratio every-request / tier = {base_cmds / tier_cmds:.0f}x")
-        client.close()
+        for n in args.scopes:
+            for interval in args.interval:
+                r = await tier_run(server, n, interval, args)
+                rows.append(r)
+                print(
+                    f"{n:>6} {interval:>8} {r['rps']:>7.0f} {r['cmds_s']:>8.0f} "
+                    f"{r['scripts_s']:>9.1f} {r['reads_s']:>7.1f} {r['cmds_req']:>8.4f} "
+                    f"{r['sent_req']:>11.5f} {r['trips_req']:>9.5f} {r['syncs_s']:>7.2f} "
+                    f"{r['per_sync']:>9.0f} {r['per_scope']:>15.2f} {r['loads']:>5} "
+                    f"{r['exact']:>5}",
+                    flush=True,
+                )
+                names = ", ".join(f"{k} {v:.2f}" for k, v in r["by_name"].items())
+                print(f"{'':>15} per scope per sync: {names}", flush=True)
+        base = await every_request(server, args.scopes[0], args)
+    print(
+        f"Redis on every request (exact script), {args.scopes[0]} scopes: "
+        f"{base:.2f} commands/request"
+    )
+    for r in rows:
+        if r["scopes"] == args.scopes[0]:
+            print(
+                f"  ratio every-request / tier at interval {r['interval']} s: "
+                f"{base / r['cmds_req']:.0f}x"
+            )
 
 
 if __name__ == "__main__":
