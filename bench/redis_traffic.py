@@ -5,16 +5,18 @@ and tpm limits with headroom, every scope charged every interval) against a thro
 redis-server. After `--warmup` seconds (cold loads, leases growing to the rate), Redis's
 own counters are read over `--seconds`: commands executed (INFO commandstats, commands run
 inside scripts included), script calls (EVALSHA) and read events (INFO stats
-`total_reads_processed`, about one per round trip), beside the limiter's own counts of
-syncs, cold loads and exact checks. Per sync it splits the commands into the heartbeat
-(one script) and the rest per active scope, the figures `docs/capacity.md` builds on.
+`total_reads_processed`: one per small request, several for a large pipeline), beside the
+limiter's own counts of round trips, syncs, cold loads and exact checks. Per sync it splits
+the commands into the heartbeat (one script) and the rest per active scope, and by command
+name, the figures `docs/capacity.md` builds on.
 
 Several `--scopes` and `--interval` values give one line each. The baseline then runs the
 same load through the tier's exact script on every request (LiteLLM's own limiter also goes
-to Redis on every request; its figures come from `bench/proxy.py`).
+to Redis on every request; its figures come from `bench/proxy.py`). Last, the idle tail:
+what the first `--scopes` cost, second by second, after each took one request and then none.
 
     .venv/bin/python bench/redis_traffic.py [--scopes 1000] [--interval 0.1 0.5]
-        [--rate 20000] [--seconds 10]
+        [--rate 20000] [--seconds 10] [--tail 8]
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ async def tier_run(
             for k, v in sorted(d.items(), key=lambda kv: -kv[1])
             if k.startswith("cmd:") and v
         },
-        "trips_req": d["reads"] / sent,
+        "trips_req": trips / sent,
         "syncs_s": syncs / elapsed,
         "loads": stats1["loads"] - stats0["loads"],
         "exact": stats1["exact_checks"] - stats0["exact_checks"],
@@ -136,6 +138,30 @@ async def every_request(server: RedisServer, n_scopes: int, args: argparse.Names
     return d["commands"] / sent
 
 
+async def idle_tail(
+    server: RedisServer, n_scopes: int, interval: float, seconds: int
+) -> list[tuple[float, float]]:
+    """Commands and round trips per second, second by second, after one request per scope.
+
+    What a scope costs once its traffic stops: it is synced while it holds a lease, until
+    `idle_release` (5 s by default) gives the lease back.
+    """
+    scopes = [f"api_key:tail-{interval}-{i:058x}" for i in range(n_scopes)]
+    client = server.client()
+    seconds_out = []
+    async with TieredLimiter(server.url, sync_interval=interval) as lim:
+        for scope in scopes:
+            decision = await lim.acquire(scope, rpm=10**9, tpm=10**9, tokens=100)
+            assert decision.allowed
+        for _ in range(seconds):
+            before, trips = counters(client), lim.stats()["redis_round_trips"]
+            await asyncio.sleep(1.0)
+            d = delta(counters(client), before)
+            seconds_out.append((d["commands"], lim.stats()["redis_round_trips"] - trips))
+    client.close()
+    return seconds_out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scopes", type=int, nargs="*", default=[1000])
@@ -143,6 +169,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=20_000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--tail", type=int, default=8, help="seconds of idle tail to measure")
     args = parser.parse_args()
 
     print(
@@ -151,7 +178,7 @@ async def main() -> None:
     )
     print(
         f"{'scopes':>6} {'interval':>8} {'req/s':>7} {'cmds/s':>8} {'scripts/s':>9} "
-        f"{'trips/s':>7} {'cmds/req':>8} {'scripts/req':>11} {'trips/req':>9} {'syncs/s':>7} "
+        f"{'reads/s':>7} {'cmds/req':>8} {'scripts/req':>11} {'trips/req':>9} {'syncs/s':>7} "
         f"{'cmds/sync':>9} {'cmds/scope/sync':>15} {'loads':>5} {'exact':>5}"
     )
     rows = []
@@ -171,6 +198,7 @@ async def main() -> None:
                 names = ", ".join(f"{k} {v:.2f}" for k, v in r["by_name"].items())
                 print(f"{'':>15} per scope per sync: {names}", flush=True)
         base = await every_request(server, args.scopes[0], args)
+        tail = await idle_tail(server, args.scopes[0], args.interval[0], args.tail)
     print(
         f"Redis on every request (exact script), {args.scopes[0]} scopes: "
         f"{base:.2f} commands/request"
@@ -181,6 +209,11 @@ async def main() -> None:
                 f"  ratio every-request / tier at interval {r['interval']} s: "
                 f"{base / r['cmds_req']:.0f}x"
             )
+    print(
+        f"idle tail: one request to each of {args.scopes[0]} scopes at interval "
+        f"{args.interval[0]} s, then none; Redis commands (round trips) in each second after:"
+    )
+    print("  " + ", ".join(f"{c} ({t})" for c, t in tail))
 
 
 if __name__ == "__main__":
