@@ -17,6 +17,8 @@ Measures, in ns per check (median of several rounds, each round timing a loop of
   time, run in its own task so each request gets its own context (LiteLLM keeps per-request
   state in a ContextVar). The cost of an empty task is printed beside it. LiteLLM's local
   store holds 200 entries (about 50 keys), so its keys are `min(--scopes, --litellm-keys)`.
+  With a tpm limit the hook estimates the prompt's tokens in a worker thread (most of its
+  cost); a second row times keys with an rpm limit only.
 
     .venv/bin/python bench/check_cost.py [--scopes 1000] [--rounds 7] [--calls 200000]
 """
@@ -142,6 +144,11 @@ class LiteLLMInMemory:
             UserAPIKeyAuth(api_key=f"sk-bench-{i}", rpm_limit=LIMIT, tpm_limit=LIMIT)
             for i in range(keys)
         ]
+        # With a tpm limit the hook counts the prompt's tokens in a worker thread; without
+        # one it does not, which shows what the thread hop costs.
+        self.rpm_keys = [
+            UserAPIKeyAuth(api_key=f"sk-bench-rpm-{i}", rpm_limit=LIMIT) for i in range(keys)
+        ]
         self.limited = UserAPIKeyAuth(api_key="sk-bench-limited", rpm_limit=3, tpm_limit=LIMIT)
 
     async def pre_call(self, key: object) -> object:
@@ -162,11 +169,12 @@ class LiteLLMInMemory:
             return exc.status_code == 429
         return False
 
-    async def time(self, calls: int) -> float:
-        n = len(self.keys)
+    async def time(self, calls: int, *, rpm_only: bool = False) -> float:
+        keys = self.rpm_keys if rpm_only else self.keys
+        n = len(keys)
         started = time.perf_counter_ns()
         for i in range(calls):
-            await asyncio.create_task(self.pre_call(self.keys[i % n]))
+            await asyncio.create_task(self.pre_call(keys[i % n]))
         return (time.perf_counter_ns() - started) / calls
 
 
@@ -201,10 +209,9 @@ async def main() -> None:
             dict_limiter.try_acquire(s, rpm=LIMIT, tpm=LIMIT, tokens=10)
             dict_fast.try_acquire(s, rpm=LIMIT, tpm=LIMIT, tokens=10)
 
-        results: dict[str, list[float]] = {
-            k: []
-            for k in ("tier", "native", "acquire", "dict", "dict_fast", "empty", "litellm", "task")
-        }
+        names = ("tier", "native", "acquire", "dict", "dict_fast", "empty")
+        names += ("litellm", "litellm_rpm", "task")
+        results: dict[str, list[float]] = {k: [] for k in names}
         for _ in range(args.rounds):
             results["tier"].append(time_loop(tier.try_acquire, scopes, args.calls))
             results["native"].append(time_native(tier._table, scopes, args.calls))
@@ -213,6 +220,7 @@ async def main() -> None:
             results["dict_fast"].append(time_loop(dict_fast.try_acquire, scopes, args.calls))
             results["empty"].append(time_loop(empty, scopes, args.calls))
             results["litellm"].append(await litellm.time(args.litellm_calls))
+            results["litellm_rpm"].append(await litellm.time(args.litellm_calls, rpm_only=True))
             results["task"].append(await time_empty_task(args.litellm_calls))
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -228,6 +236,7 @@ async def main() -> None:
         ("dict_fast", "same, Decision via tuple.__new__"),
         ("empty", "empty call, same arguments (loop)"),
         ("litellm", "LiteLLM v3 pre-call hook, in memory"),
+        ("litellm_rpm", "same, rpm limit only (no token count)"),
         ("task", "empty task (in the LiteLLM figure)"),
     ]
     for name, label in rows:
@@ -239,6 +248,7 @@ async def main() -> None:
         f"{(med['tier'] - med['empty']) / (med['dict'] - med['empty']):.2f}"
     )
     print(f"  LiteLLM in-memory pre-call hook / tier = {med['litellm'] / med['tier']:.0f}x")
+    print(f"  same, rpm limit only / tier = {med['litellm_rpm'] / med['tier']:.0f}x")
 
 
 if __name__ == "__main__":
