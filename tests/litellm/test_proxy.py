@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 
@@ -148,16 +150,29 @@ def test_warm_key_makes_no_redis_script_call_per_request(
     assert scripts < 60 / 2, scripts
 
 
+@pytest.mark.parametrize(
+    ("env", "general"),
+    [
+        ({"TIERED_LIMITER": "off"}, None),
+        ({}, {"tiered_limiter": {"mode": "off"}}),
+    ],
+    ids=["environment", "general_settings"],
+)
 def test_kill_switch_leaves_litellms_limiter_in_charge(
-    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+    start_proxy: StartProxy,
+    keys: Keys,
+    rdb: redis.Redis,
+    env: dict[str, str],
+    general: dict[str, Any] | None,
 ) -> None:
     key = keys.add("sk-off", rpm_limit=3)
-    proxy = start_proxy(env={"TIERED_LIMITER": "off"})
+    proxy = start_proxy(env=env, general=general)
 
     before = evalsha_calls(rdb)
     assert proxy.statuses(key, 4) == [200, 200, 200, 429]
 
-    # LiteLLM's limiter runs its scripts in the request, and counts the first rejection.
+    # LiteLLM's limiter runs its scripts in the request, and counts the first rejection,
+    # which the tier never charges.
     assert evalsha_calls(rdb) - before >= 3
     assert _count(rdb, f"api_key:{hashed(key)}", "requests") == 4
 
@@ -218,3 +233,28 @@ def test_serves_through_redis_outage_and_resyncs_after(
         assert client.get(f"{{{scope}}}:window") is not None
     finally:
         client.close()
+
+
+def test_fail_closed_answers_503_while_redis_is_away(
+    start_proxy: StartProxy, keys: Keys, redis_srv: RedisServer
+) -> None:
+    """`fail_closed_rate_limit_enforcement` keeps its meaning: no unverified admission once
+    the tier knows Redis is unreachable, LiteLLM's 503 instead, and service when it is back."""
+    key = keys.add("sk-closed", rpm_limit=1000)
+    proxy = start_proxy(general={"fail_closed_rate_limit_enforcement": True})
+    assert proxy.statuses(key, 2) == [200, 200]
+
+    redis_srv.stop()
+    seen: list[int] = []
+
+    def refused() -> bool:
+        seen.append(proxy.chat(key).status_code)
+        return seen[-1] == 503
+
+    # Until a sync fails the tier serves from its lease, which Redis already counts.
+    wait_for(refused, what="a 503 once the outage is noticed")
+    assert set(seen) <= {200, 503}, seen
+    assert proxy.statuses(key, 3) == [503, 503, 503]
+
+    redis_srv.start()
+    wait_for(lambda: proxy.chat(key).status_code == 200, timeout=30, what="service back")

@@ -79,6 +79,17 @@ class _Pending:
         return _Await(self._start)
 
 
+def _unverifiable_error() -> ConnectionError:
+    return ConnectionError("tiered_limiter cannot reach Redis to verify the limits")
+
+
+def _failing(error: Callable[[], BaseException]) -> _Pending:
+    async def fail() -> Any:
+        raise error()
+
+    return _Pending(fail)
+
+
 def _ready(value: Any) -> _Pending:
     async def answer() -> Any:
         return value
@@ -180,10 +191,13 @@ class TieredRateLimits:
                 return self._settings.takes_tier(counter.scope.descriptor_value)
         return self._settings.share >= 100
 
+    def _unverifiable(self) -> bool:
+        """Under fail-closed enforcement, whether to refuse: Redis is known to be unreachable."""
+        return self._fail_closed() and bool(self.limiter.stats().get("degraded"))
+
     def _check_degraded(self) -> None:
-        """Under fail-closed enforcement, refuse to answer while Redis is unreachable."""
-        if self._fail_closed() and self.limiter.stats().get("degraded"):
-            raise ConnectionError("tiered_limiter cannot reach Redis to verify the limits")
+        if self._unverifiable():
+            raise _unverifiable_error()
 
     # The window scripts, answered by the tier
 
@@ -198,7 +212,10 @@ class TieredRateLimits:
         if limits is None:
             return self._native.sliding_window(counters, now, window_size, send)
 
-        self._check_degraded()
+        if self._unverifiable():
+            # Raised where LiteLLM awaits the reply, as a failed script would be: there it
+            # refunds and answers its 503, while a raise here would escape its handling.
+            return _failing(_unverifiable_error)
         decision = self.limiter.try_acquire_many(limits)
         if decision is not None:
             return _ready(self._window_counts(counters, limits, decision, now, request))
