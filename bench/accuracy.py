@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from integration.fleet import Fleet, skewed  # noqa: E402
 from integration.load import Answer, RedisWatch, Window, assign, drive, windows  # noqa: E402
 
+MEASURED = ["tiered_limiter", "native", "integration", "bench/accuracy.py"]
 NAMES = {"tier": "tiered_limiter", "litellm": "LiteLLM, Redis", "none": "no Redis"}
 
 
@@ -267,7 +268,8 @@ def _commit() -> str:
             text=True,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            # Only what the fleet runs: other work in the tree does not change the numbers.
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", *MEASURED],
             capture_output=True,
             check=True,
             text=True,
