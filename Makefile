@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 NATIVE_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml
 PKG_SRC := $(shell find tiered_limiter -name '*.py' -o -name '*.lua' -o -name '*.pyi')
 
-.PHONY: all demo test test-fast lint typecheck native-test bench redis-server clean help
+.PHONY: all demo test test-fast lint typecheck native-test bench system-packages redis-server clean help
 all: test
 
 help:
@@ -26,22 +26,31 @@ $(BIN)/python:
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release --quiet --extras dev,litellm
 	touch $@
 
-# redis-server comes from the system's packages; install it when we may, else say what to do.
-redis-server:
-	@command -v redis-server >/dev/null && exit 0; \
+# redis-server, redis-tools (redis-cli) and nginx come from the system's packages; install
+# them when we may, else say what to do.
+SYSTEM_BINS := redis-server redis-cli nginx
+SYSTEM_PACKAGES := redis-server redis-tools nginx
+system-packages:
+	@missing=0; for bin in $(SYSTEM_BINS); do \
+	  command -v $$bin >/dev/null || [ -x /usr/sbin/$$bin ] || missing=1; \
+	done; \
+	[ $$missing = 0 ] && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing redis-server from the system's packages"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  echo "installing $(SYSTEM_PACKAGES) from the system's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
 	else \
-	  echo "redis-server is missing: install it (e.g. 'sudo apt-get install redis-server')" >&2; exit 1; \
+	  echo "redis-server, redis-cli or nginx is missing: install them (e.g. 'sudo apt-get install $(SYSTEM_PACKAGES)')" >&2; exit 1; \
 	fi
 
-demo: .stamp-build redis-server
+# The old name, kept for scripts that call it.
+redis-server: system-packages
+
+demo: .stamp-build system-packages
 	$(BIN)/python -m tiered_limiter._demo
 
 lint: .stamp-build
-	$(BIN)/ruff check tiered_limiter tests bench
-	$(BIN)/ruff format --check tiered_limiter tests bench
+	$(BIN)/ruff check tiered_limiter tests bench integration
+	$(BIN)/ruff format --check tiered_limiter tests bench integration
 	cd native && cargo fmt --check
 	cd native && cargo clippy --quiet --all-targets -- -D warnings
 
@@ -52,13 +61,13 @@ typecheck: .stamp-build
 native-test:
 	cd native && cargo test --quiet
 
-test-fast: .stamp-build redis-server
+test-fast: .stamp-build system-packages
 	$(BIN)/pytest -q -m "not slow"
 
-test: lint typecheck native-test .stamp-build redis-server
+test: lint typecheck native-test .stamp-build system-packages
 	$(BIN)/pytest -q
 
-bench: .stamp-build redis-server
+bench: .stamp-build system-packages
 	@echo "run the scripts in bench/ one by one; each says what it measures"
 
 clean:
