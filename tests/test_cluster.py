@@ -1,4 +1,7 @@
-"""The limiter on a real three-primary Redis Cluster: batches grouped by slot, one slot per script."""
+"""The limiter on a real three-primary Redis Cluster.
+
+Batches are grouped by slot, one slot per script.
+"""
 
 from __future__ import annotations
 

@@ -95,11 +95,12 @@ def test_native_table_matches_reference(program: list[tuple[object, ...]]) -> No
     assert sorted(native.drain(now, WINDOW, 1)) == sorted(model.drain(now, WINDOW, 1))
 
 
-def test_full_table_of_active_scopes_rejects_new_ones() -> None:
+def test_full_table_of_scopes_with_deltas_to_push_rejects_new_ones() -> None:
     table = _native.Table(4, 1)
     for i in range(4):
         assert table.apply(f"user:{i}", START, 0, 0, START + 1.0, WINDOW, 5)
         assert table.check_one(f"user:{i}", 10, 0, 0, START + 1.0, WINDOW, 1)[0] == _native.ADMITTED
+        assert table.record(f"user:{i}", 3, START + 1.0, WINDOW)
     assert not table.apply("user:new", START, 0, 0, START + 1.0, WINDOW)
     assert table.stats()["rejected"] == 1
     assert len(table) == 4

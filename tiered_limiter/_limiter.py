@@ -10,10 +10,10 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -68,6 +68,7 @@ class Limit:
 
 
 _Errors = (RedisError, OSError, asyncio.TimeoutError)
+_T = TypeVar("_T")
 # The error code Redis gives a command on a key of another type; the script reports it per scope.
 _WRONGTYPE = "WRONGTYPE"
 
@@ -157,6 +158,9 @@ class TieredLimiter:
             )
         self._proxies = 1
         self._degraded = False
+        # When the sync in flight started (monotonic), None between syncs: a sync overdue by
+        # an interval means Redis is slow, and requests stop waiting on it (`_redis_slow`).
+        self._sync_since: float | None = None
         self._error_kinds: set[str] = set()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -261,7 +265,7 @@ class TieredLimiter:
             # Raise the limiter's own error for the argument, as the slow paths do.
             _validate_one(scope, rpm, tpm, tokens)
             raise
-        if decision is None and self._degraded:
+        if decision is None and (self._degraded or self._redis_slow()):
             r, t = _validate.limit(rpm, "rpm"), _validate.limit(tpm, "tpm")
             return self._fallback([scope], [r], [t], tokens)
         return decision
@@ -289,7 +293,8 @@ class TieredLimiter:
             scopes, rpms, tpms, n, self._now(), self._window, self._proxies, offline=self._offline
         )
         if result[0] > _DENIED:
-            return self._fallback(scopes, rpms, tpms, n) if self._degraded else None
+            slow = self._degraded or self._redis_slow()
+            return self._fallback(scopes, rpms, tpms, n) if slow else None
         return _decision(result, scopes)
 
     async def acquire_many(self, limits: Sequence[Limit], *, tokens: int = 0) -> Decision:
@@ -322,7 +327,7 @@ class TieredLimiter:
             **self._counts,
             "redis_round_trips": backend.round_trips if backend else 0,
             "redis_commands": backend.commands if backend else 0,
-            "degraded": self._degraded,
+            "degraded": self._degraded or self._redis_slow(),
             "proxies": self._proxies,
         }
 
@@ -348,7 +353,7 @@ class TieredLimiter:
             )
             if result[0] <= _DENIED:
                 return _decision(result, scopes)
-            if self._degraded or backend is None:
+            if self._degraded or backend is None or self._redis_slow():
                 return self._fallback(scopes, rpms, tpms, tokens)
             if result[0] != _LOAD:
                 break
@@ -383,9 +388,7 @@ class TieredLimiter:
                 started = time.time()
                 limits = {s: (r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)}
                 calls = [Call(s, *limits[s], *_lease_wanted(*limits[s], tokens)) for s in fresh]
-                replies = await asyncio.wait_for(
-                    backend.read(calls, batch_size=self._batch), self._timeout
-                )
+                replies = await _within(backend.read(calls, batch_size=self._batch), self._timeout)
                 self._counts["loads"] += 1
                 self._apply(replies, started)
                 failed = [s for reply in replies for s in reply.failed]
@@ -424,7 +427,7 @@ class TieredLimiter:
         ]
         started = time.time()
         try:
-            reply = await asyncio.wait_for(backend.acquire(calls, tokens), self._timeout)
+            reply = await _within(backend.acquire(calls, tokens), self._timeout)
         except _Errors as exc:
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
             self._redis_failed(exc)
@@ -477,6 +480,8 @@ class TieredLimiter:
         now = self._note_redis_time(replies, started)
         for reply in replies:
             for t in reply.totals:
+                if t.restored:
+                    self._drop_lease(t.scope, now)
                 if t.window_start and not self._table.apply(
                     t.scope,
                     t.window_start,
@@ -488,6 +493,16 @@ class TieredLimiter:
                     t.lease_tokens,
                 ):
                     logger.debug("table full of unsynced scopes; a scope stays untracked")
+
+    def _drop_lease(self, scope: str, now: float) -> None:
+        """Forget the lease a scope holds after Redis lost it, keeping unpushed charges."""
+        taken = self._table.take(scope)
+        if taken is None:
+            return
+        window_start, requests, tokens = taken
+        requests, tokens = max(requests, 0), max(tokens, 0)
+        if requests or tokens:
+            self._table.restore(scope, window_start, requests, tokens, now, self._window)
 
     def _note_redis_time(self, replies: list[Reply], started: float) -> float:
         if self._clock is None and replies:
@@ -503,8 +518,8 @@ class TieredLimiter:
         window ends instead.
         """
         now = self._now()
-        for scope, window_start, requests, tokens, *_ in deltas:
-            requests, tokens = max(requests, 0), max(tokens, 0)
+        for scope, window_start, pushed_requests, pushed_tokens, *_ in deltas:
+            requests, tokens = max(pushed_requests, 0), max(pushed_tokens, 0)
             if not requests and not tokens:
                 continue
             if not self._table.restore(scope, window_start, requests, tokens, now, self._window):
@@ -523,6 +538,15 @@ class TieredLimiter:
                 self._policy,
             )
         self._degraded = True
+
+    def _redis_slow(self) -> bool:
+        """The sync in flight has waited longer than an interval: Redis is slow or away.
+
+        Until it returns or times out (then the limiter is degraded), requests that need Redis
+        are answered by the outage policy instead of queueing behind it.
+        """
+        since = self._sync_since
+        return since is not None and time.monotonic() - since > self._interval
 
     def _scopes_failed(self, count: int) -> None:
         """Count scopes Redis could not count (keys of another type); only they use the policy."""
@@ -577,6 +601,7 @@ class TieredLimiter:
                 for s, ws, r, t, want_r, want_t, rpm, tpm in chunk
             ]
             started = time.time()
+            self._sync_since = time.monotonic()
             try:
                 chunk_replies, proxies = await asyncio.wait_for(
                     backend.sync(
@@ -592,6 +617,8 @@ class TieredLimiter:
                 self._restore(deltas[first:])
                 self._redis_failed(exc)
                 return
+            finally:
+                self._sync_since = None
             if self._degraded:
                 logger.warning("Redis at %s reachable again; syncing normally", self._url)
                 self._degraded = False
@@ -607,6 +634,32 @@ class TieredLimiter:
         self._proxies = backend.proxies = max(1, proxies)
         self._counts["syncs"] += 1
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
+
+
+async def _within(call: Awaitable[_T], timeout: float) -> _T:
+    """Await `call` for at most `timeout` seconds, then raise TimeoutError.
+
+    Unlike `asyncio.wait_for`, the caller does not also wait for the cancelled call to clean
+    up (redis-py may close a connection on cancellation, waiting again on a dead server): the
+    call is cancelled and finishes in the background.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError(f"no answer from Redis within {timeout} s")
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome retrieved, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -674,9 +727,14 @@ def _decision(result: tuple[int, int, int, int, float], scopes: Sequence[str]) -
 def _exact_decision(
     reply: Reply, scopes: list[str], rpms: list[int], tpms: list[int], window: int
 ) -> Decision:
-    """A decision from the exact script's totals, which already include this request."""
-    rem_r = [r - t.requests for r, t in zip(rpms, reply.totals, strict=True) if r]
-    rem_t = [tp - t.tokens for tp, t in zip(tpms, reply.totals, strict=True) if tp]
+    """A decision from the exact script's totals, which already include this request.
+
+    The lease just reserved for this proxy is still this proxy's to spend, so it does not
+    count as used; other proxies' leases do, since only they may spend them.
+    """
+    totals = reply.totals
+    rem_r = [r - t.requests + t.lease_requests for r, t in zip(rpms, totals, strict=True) if r]
+    rem_t = [tp - t.tokens + t.lease_tokens for tp, t in zip(tpms, totals, strict=True) if tp]
     remaining = max(0, min(rem_r)) if rem_r else None
     remaining_tokens = max(0, min(rem_t)) if rem_t else None
     if reply.allowed:

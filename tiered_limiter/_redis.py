@@ -52,7 +52,9 @@ class Totals:
     """One scope's fleet totals as a script returned them; `window_start` 0 means no window.
 
     The totals include every proxy's outstanding lease; `lease_*` is what the script just
-    reserved for this proxy.
+    reserved for this proxy. `restored` says Redis had lost the window (it restarted empty,
+    or evicted the key) and the pushed delta restored it: every lease this proxy held there
+    is gone with it.
     """
 
     scope: str
@@ -61,6 +63,7 @@ class Totals:
     tokens: int
     lease_requests: int = 0
     lease_tokens: int = 0
+    restored: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +169,10 @@ class RedisBackend:
     @staticmethod
     def _parse(calls: Sequence[Call], raw: Sequence[Any]) -> Reply:
         values = [int(v) for v in raw]
-        per_scope = [values[4 + 5 * i : 9 + 5 * i] for i in range(len(calls))]
+        per_scope = [values[4 + 6 * i : 10 + 6 * i] for i in range(len(calls))]
         totals = [
-            Totals(call.scope, max(0, ws), requests, tokens, lease_req, lease_tok)
-            for call, (ws, requests, tokens, lease_req, lease_tok) in zip(
+            Totals(call.scope, max(0, ws), requests, tokens, lease_req, lease_tok, bool(lost))
+            for call, (ws, requests, tokens, lease_req, lease_tok, lost) in zip(
                 calls, per_scope, strict=True
             )
         ]

@@ -237,6 +237,12 @@ struct Record {
 }
 
 impl Record {
+    /// Nothing to push: what it holds, if anything, is a lease Redis already counts, so
+    /// forgetting it only makes this process deny early in that window.
+    fn settled(&self) -> bool {
+        self.pend_req.load(Relaxed) <= 0 && self.pend_tok.load(Relaxed) <= 0
+    }
+
     fn add(&self, requests: i64, tokens: i64) {
         add_saturating(&self.pend_req, requests);
         add_saturating(&self.pend_tok, tokens);
@@ -508,8 +514,9 @@ impl Shard {
         }
     }
 
-    /// An entry with no active record to evict from a full shard: one whose window ended if
-    /// the hand finds one soon, else the first idle one.
+    /// An entry to evict from a full shard: one with no active record whose window ended if
+    /// the hand finds one soon, else the first with no active record, else the first whose
+    /// record has nothing to push. An entry with unpushed charges is never evicted.
     fn pick_victim(&mut self, now: f64, window: u32) -> Option<usize> {
         let n = self.entries.len();
         if n == 0 {
@@ -518,10 +525,22 @@ impl Shard {
 
         let start = self.hand % n;
         let mut fallback = None;
+        let mut settled = None;
         for step in 0..n {
             let idx = (start + step) % n;
             let e = &self.entries[idx];
             if e.active != NONE {
+                if settled.is_none()
+                    && self
+                        .records
+                        .get(e.active as usize)
+                        .is_some_and(Record::settled)
+                {
+                    settled = Some(idx);
+                }
+                if step >= 4 * VICTIM_SCAN && (fallback.is_some() || settled.is_some()) {
+                    break;
+                }
                 continue;
             }
 
@@ -536,10 +555,11 @@ impl Shard {
                 break;
             }
         }
-        if let Some(idx) = fallback {
+        let victim = fallback.or(settled);
+        if let Some(idx) = victim {
             self.hand = idx + 1;
         }
-        fallback
+        victim
     }
 
     /// Bytes of memory the shard holds: capacities, except that reserved entries count only
@@ -865,6 +885,10 @@ impl Table {
                 self.rejected.fetch_add(1, Relaxed);
                 return None;
             };
+            let active = shard.entries[victim].active;
+            if active != NONE {
+                shard.remove_record(active as usize);
+            }
             shard.remove_entry(self.geo, victim);
             self.evictions.fetch_add(1, Relaxed);
             self.len.fetch_sub(1, Relaxed);
@@ -1185,8 +1209,17 @@ impl Table {
 
                 let entry = record.entry as usize;
                 // A scope used in the closing interval is synced even with nothing to push,
-                // so that it reads the fleet's totals back.
-                if touched || push_req != 0 || push_tok != 0 || top_req != 0 || top_tok != 0 {
+                // so that it reads the fleet's totals back; so is one still holding a lease,
+                // so that a Redis that lost the lease (restarted empty) is noticed within an
+                // interval, before the lease is spent.
+                let holds = *record.pend_req.get_mut() < 0 || *record.pend_tok.get_mut() < 0;
+                if touched
+                    || holds
+                    || push_req != 0
+                    || push_tok != 0
+                    || top_req != 0
+                    || top_tok != 0
+                {
                     out.push(Delta {
                         scope: name,
                         window_start: shard.entries.get(entry).map_or(0, |e| e.window_start),

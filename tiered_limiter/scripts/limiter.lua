@@ -18,7 +18,10 @@
 -- Delta rules: a delta whose own window has ended is dropped, never charged to a later window;
 -- one whose window is still open is charged to the scope's open window, and when Redis has no
 -- open window (it restarted empty, or the key was evicted) the delta's window is restored. A
--- delta_window_start of 0 means no delta: the scope's window is opened if none is open.
+-- restored window forgot every lease it held, so the negative part of a delta (a lease given
+-- back, a refund) is not applied to it, and the reply says the window was restored: the caller
+-- then drops the lease it still holds. A delta_window_start of 0 means no delta: the scope's
+-- window is opened if none is open.
 --
 -- A scope whose keys hold another type (WRONGTYPE) gets window_start -1 and no change: the
 -- other scopes of the batch are still synced, and a check that names it charges nothing. Each
@@ -27,7 +30,7 @@
 --
 -- Returns: {allowed (1/0), denying scope (1-based, 0 if none), now_seconds, now_microseconds,
 -- then per scope: window_start, requests, tokens (totals after every charge and lease),
--- lease_requests, lease_tokens}.
+-- lease_requests, lease_tokens, restored (1 when the delta's window was restored)}.
 local window = tonumber(ARGV[1])
 local check = ARGV[3] == '1'
 local cost = tonumber(ARGV[4])
@@ -83,7 +86,7 @@ end
 local n = #KEYS / 3
 local starts, reqs, toks = {}, {}, {}
 local denied, failed = 0, 0
-local lease_req, lease_tok = {}, {}
+local lease_req, lease_tok, restored = {}, {}, {}
 local tcheck = math.max(cost, 1)
 
 local function sync_scope(i)
@@ -98,6 +101,8 @@ local function sync_scope(i)
   if not ws and (check or dws == 0 or delta_open) then
     if delta_open then
       ws = dws
+      restored[i] = 1
+      dreq, dtok = math.max(dreq, 0), math.max(dtok, 0)
     else
       ws = now_s
     end
@@ -179,5 +184,6 @@ for i = 1, n do
   out[#out + 1] = toks[i]
   out[#out + 1] = lease_req[i]
   out[#out + 1] = lease_tok[i]
+  out[#out + 1] = restored[i] or 0
 end
 return out

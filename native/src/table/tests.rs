@@ -540,6 +540,8 @@ fn offline_ignores_staleness_and_the_lease() {
 fn offline_denies_a_scope_it_cannot_track() {
     let t = Table::with_key(1, 1, (1, 2)).expect("valid configuration");
     assert!(apply(&t, "a", 100, 0, 0, 100.0));
+    // A correction not yet pushed: "a" may not be evicted.
+    assert!(t.record("a", 5, 100.0, W));
     let req = Request {
         offline: true,
         ..request(0, 100.0)
@@ -605,10 +607,11 @@ fn apply_of_an_older_window_is_ignored() {
 }
 
 #[test]
-fn apply_rejects_a_scope_when_every_tracked_scope_is_active() {
+fn apply_rejects_a_scope_when_every_tracked_scope_has_a_delta_to_push() {
     let t = Table::with_key(4, 1, (1, 2)).expect("valid configuration");
     for name in ["a", "b", "c", "d"] {
         assert!(apply(&t, name, 100, 0, 0, 100.0));
+        assert!(t.record(name, 1, 100.0, W));
     }
     assert!(!apply(&t, "e", 100, 0, 0, 100.0));
     assert_eq!(t.stats().rejected, 1);
@@ -618,6 +621,19 @@ fn apply_rejects_a_scope_when_every_tracked_scope_is_active() {
     assert!(apply(&t, "e", 100, 0, 0, 100.0));
     assert_eq!(t.len(), 4);
     assert_eq!(t.stats().evictions, 1);
+}
+
+#[test]
+fn a_full_shard_evicts_a_scope_holding_only_a_lease_rather_than_refuse() {
+    let t = Table::with_key(2, 1, (1, 2)).expect("valid configuration");
+    assert!(lease(&t, "leased", 100, (5, 0), 100.0));
+    assert!(apply(&t, "charged", 100, 0, 0, 100.0));
+    assert!(t.record("charged", 3, 100.0, W));
+    // Both are active; only the lease holder has nothing to push.
+    assert!(apply(&t, "new", 100, 0, 0, 100.0));
+    assert_eq!(t.stats().evictions, 1);
+    assert_eq!(t.take("leased"), None);
+    assert_eq!(t.take("charged"), Some((100, 0, 3)));
 }
 
 #[test]
@@ -1053,7 +1069,8 @@ impl Model {
             let (push_r, top_r, pend_r) = ref_settle(rec.pend_req, want_r);
             let (push_t, top_t, pend_t) = ref_settle(rec.pend_tok, want_t);
             (rec.pend_req, rec.pend_tok) = (pend_r, pend_t);
-            if touched || push_r != 0 || push_t != 0 || top_r != 0 || top_t != 0 {
+            let holds = pend_r < 0 || pend_t < 0;
+            if touched || holds || push_r != 0 || push_t != 0 || top_r != 0 || top_t != 0 {
                 out.push((
                     name.clone(),
                     st.ws,
@@ -1529,4 +1546,21 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
         ),
         counted
     );
+}
+
+#[test]
+fn an_idle_scope_holding_a_lease_is_still_synced() {
+    // So that a Redis which lost the lease (restarted empty) is noticed before it is spent.
+    let t = table();
+    assert!(lease(&t, "user:a", 100, (5, 0), 100.0));
+    assert_eq!(outcome(&t, "user:a", 10, 0, 0, 100.0), Outcome::Admitted);
+    let first = t.drain(100.5, W, 10);
+    assert_eq!(first, vec![delta("user:a", 100, (-1, 0), (0, 0), (10, 0))]);
+    // Idle: it keeps one request's worth and gives back the rest.
+    let second = t.drain(101.0, W, 10);
+    assert_eq!(second, vec![delta("user:a", 100, (-2, 0), (0, 0), (10, 0))]);
+    // Nothing to push or ask for, but a lease held: synced all the same.
+    let third = t.drain(101.5, W, 10);
+    assert_eq!(third, vec![delta("user:a", 100, (0, 0), (0, 0), (10, 0))]);
+    assert_eq!(t.take("user:a"), Some((100, -1, 0)));
 }
