@@ -6,9 +6,10 @@ redis-server. After `--warmup` seconds (cold loads, leases growing to the rate),
 own counters are read over `--seconds`: commands executed (INFO commandstats, commands run
 inside scripts included), script calls (EVALSHA) and read events (INFO stats
 `total_reads_processed`: one per small request, several for a large pipeline), beside the
-limiter's own counts of round trips, syncs, cold loads and exact checks. Per sync it splits
-the commands into the heartbeat (one script) and the rest per active scope, and by command
-name, the figures `docs/capacity.md` builds on.
+limiter's own counts of round trips, syncs, cold loads and exact checks, and the CPU the
+Redis server used (INFO cpu, user and system, as a share of one core and per request). Per
+sync it splits the commands into the heartbeat (one script) and the rest per active scope,
+and by command name, the figures `docs/capacity.md` builds on.
 
 Several `--scopes` and `--interval` values give one line each. The baseline then runs the
 same load through the tier's exact script on every request (LiteLLM's own limiter also goes
@@ -40,6 +41,9 @@ def counters(client: redis.Redis) -> dict[str, int]:
     """Commands (in all and by name), script calls and read events so far, INFO excluded."""
     commands = client.info("commandstats")
     reads = int(client.info("stats")["total_reads_processed"])
+    cpu = client.info("cpu")
+    # Microseconds of CPU the server used (user and system), main thread and all.
+    cpu_us = round((float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6)
     by_name = {
         k.removeprefix("cmdstat_"): int(v["calls"])
         for k, v in commands.items()
@@ -47,7 +51,7 @@ def counters(client: redis.Redis) -> dict[str, int]:
     }
     total = sum(by_name.values())
     scripts = by_name.get("evalsha", 0)
-    return {"commands": total, "scripts": scripts, "reads": reads} | {
+    return {"commands": total, "scripts": scripts, "reads": reads, "cpu_us": cpu_us} | {
         f"cmd:{k}": v for k, v in by_name.items()
     }
 
@@ -101,6 +105,7 @@ async def tier_run(
         "cmds_s": d["commands"] / elapsed,
         "scripts_s": d["scripts"] / elapsed,
         "reads_s": d["reads"] / elapsed,
+        "cpu": d["cpu_us"] / 1e6 / elapsed,
         "cmds_req": d["commands"] / sent,
         "sent_req": d["scripts"] / sent,
         "by_name": {
@@ -118,8 +123,10 @@ async def tier_run(
     }
 
 
-async def every_request(server: RedisServer, n_scopes: int, args: argparse.Namespace) -> float:
-    """Commands per request when every request runs the exact script."""
+async def every_request(
+    server: RedisServer, n_scopes: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Commands and Redis CPU microseconds per request when every request runs the script."""
     scopes = [f"api_key:base-{i:059x}" for i in range(n_scopes)]
     rc = redis.asyncio.Redis.from_url(server.url)
     backend = RedisBackend(rc, namespace="", window=60, clock=None)
@@ -135,7 +142,7 @@ async def every_request(server: RedisServer, n_scopes: int, args: argparse.Names
     d = delta(counters(client), before)
     await rc.aclose()
     client.close()
-    return d["commands"] / sent
+    return d["commands"] / sent, d["cpu_us"] / sent
 
 
 async def idle_tail(
@@ -179,7 +186,8 @@ async def main() -> None:
     print(
         f"{'scopes':>6} {'interval':>8} {'req/s':>7} {'cmds/s':>8} {'scripts/s':>9} "
         f"{'reads/s':>7} {'cmds/req':>8} {'scripts/req':>11} {'trips/req':>9} {'syncs/s':>7} "
-        f"{'cmds/sync':>9} {'cmds/scope/sync':>15} {'loads':>5} {'exact':>5}"
+        f"{'cmds/sync':>9} {'cmds/scope/sync':>15} {'loads':>5} {'exact':>5} "
+        f"{'redis cpu':>9} {'cpu us/req':>10}"
     )
     rows = []
     with RedisServer() as server:
@@ -192,16 +200,16 @@ async def main() -> None:
                     f"{r['scripts_s']:>9.1f} {r['reads_s']:>7.1f} {r['cmds_req']:>8.4f} "
                     f"{r['sent_req']:>11.5f} {r['trips_req']:>9.5f} {r['syncs_s']:>7.2f} "
                     f"{r['per_sync']:>9.0f} {r['per_scope']:>15.2f} {r['loads']:>5} "
-                    f"{r['exact']:>5}",
+                    f"{r['exact']:>5} {r['cpu']:>9.1%} {r['cpu'] / r['rps'] * 1e6:>10.2f}",
                     flush=True,
                 )
                 names = ", ".join(f"{k} {v:.2f}" for k, v in r["by_name"].items())
                 print(f"{'':>15} per scope per sync: {names}", flush=True)
-        base = await every_request(server, args.scopes[0], args)
+        base, base_cpu = await every_request(server, args.scopes[0], args)
         tail = await idle_tail(server, args.scopes[0], args.interval[0], args.tail)
     print(
         f"Redis on every request (exact script), {args.scopes[0]} scopes: "
-        f"{base:.2f} commands/request"
+        f"{base:.2f} commands/request, {base_cpu:.1f} us of Redis CPU/request"
     )
     for r in rows:
         if r["scopes"] == args.scopes[0]:
