@@ -147,8 +147,8 @@ async def every_request(
 
 async def idle_tail(
     server: RedisServer, n_scopes: int, interval: float, seconds: int
-) -> list[tuple[float, float]]:
-    """Commands and round trips per second, second by second, after one request per scope.
+) -> list[tuple[int, int, float]]:
+    """Commands, round trips and Redis CPU ms per second, after one request per scope.
 
     What a scope costs once its traffic stops: it is synced while it holds a lease, until
     `idle_release` (5 s by default) gives the lease back.
@@ -164,7 +164,8 @@ async def idle_tail(
             before, trips = counters(client), lim.stats()["redis_round_trips"]
             await asyncio.sleep(1.0)
             d = delta(counters(client), before)
-            seconds_out.append((d["commands"], lim.stats()["redis_round_trips"] - trips))
+            trips = lim.stats()["redis_round_trips"] - trips
+            seconds_out.append((d["commands"], trips, d["cpu_us"] / 1000))
     client.close()
     return seconds_out
 
@@ -219,9 +220,10 @@ async def main() -> None:
             )
     print(
         f"idle tail: one request to each of {args.scopes[0]} scopes at interval "
-        f"{args.interval[0]} s, then none; Redis commands (round trips) in each second after:"
+        f"{args.interval[0]} s, then none; each second after: Redis commands (round trips, "
+        "Redis CPU ms)"
     )
-    print("  " + ", ".join(f"{c} ({t})" for c, t in tail))
+    print("  " + ", ".join(f"{c} ({t}, {ms:.0f})" for c, t, ms in tail))
 
 
 if __name__ == "__main__":
