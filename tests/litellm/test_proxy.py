@@ -135,10 +135,18 @@ def test_mixed_fleet_agrees_on_one_count(
     assert stock.statuses(second, 4) == [200, 200, 200, 429]
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [{"rpm_limit": 10_000, "tpm_limit": 10_000_000}, {}],
+    ids=["rpm_and_tpm", "no_limits"],
+)
 def test_warm_key_makes_no_redis_script_call_per_request(
-    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis
+    start_proxy: StartProxy, keys: Keys, rdb: redis.Redis, limits: dict[str, int]
 ) -> None:
-    key = keys.add("sk-warm", rpm_limit=10_000, tpm_limit=10_000_000)
+    """LiteLLM's own limiter runs 3 scripts per request with rpm and tpm limits, and 1 (the
+    token charge of every scope) with none; the tier runs a couple per sync, whatever the
+    request rate."""
+    key = keys.add(f"sk-warm-{len(limits)}", **limits)
     proxy = start_proxy(env={"TIERED_LIMITER_SYNC_INTERVAL": "0.5"})
     assert proxy.statuses(key, 5) == [200] * 5
 
@@ -146,7 +154,6 @@ def test_warm_key_makes_no_redis_script_call_per_request(
     assert proxy.statuses(key, 60) == [200] * 60
     scripts = evalsha_calls(rdb) - before
 
-    # LiteLLM's own limiter runs 3 scripts per request here; the tier runs a few per sync.
     assert scripts < 60 / 2, scripts
 
 
