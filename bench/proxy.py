@@ -20,7 +20,7 @@ run (their Redis commands are printed apart); the report is the median over roun
 - proxy CPU per request: user + system time of the proxy process and its children (psutil).
 
     .venv/bin/python bench/proxy.py [--requests 2000] [--concurrency 16] [--keys 1]
-        [--rounds 3] [--round-warmup 100] [--interval 0.5]
+        [--rounds 3] [--round-warmup 100] [--interval 0.5] [--env NAME=VALUE ...]
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def start(name: str, root: Path, args: argparse.Namespace) -> Mode:
     raw = [keys.add(f"sk-bench-{name}-{i}", **limits) for i in range(args.keys)]
     config = write_config(home, server.port)
     env = {"LITELLM_LOG": "ERROR", "TIERED_LIMITER_SYNC_INTERVAL": str(args.interval)}
+    env.update(item.split("=", 1) for item in args.env)
     proxy = spawn(home, config, keys, tier=name == "tier", env=env)
     return Mode(name, server, proxy, raw)
 
@@ -216,6 +217,9 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=10_000_000)
     parser.add_argument("--tpm", type=int, default=1_000_000_000, help="0: an rpm limit only")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle traffic")
+    parser.add_argument(
+        "--env", action="append", default=[], help="NAME=VALUE for every proxy (repeatable)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tl-bench-proxy-") as tmp:
