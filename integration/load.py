@@ -134,10 +134,14 @@ class RedisWatch:
     samples: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
     _client: aioredis.Redis | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> RedisWatch:
-        self._client = aioredis.Redis.from_url(self.url, decode_responses=True)
+        self._client = aioredis.Redis.from_url(
+            self.url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
         self.samples = {key: [] for key in self.keys}
+        self._stop = asyncio.Event()
         self._task = asyncio.create_task(self._poll())
         return self
 
@@ -148,17 +152,19 @@ class RedisWatch:
         tb: TracebackType | None,
     ) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Let the poller finish its sample rather than cancel it: redis-py can hang in the
+            # cleanup of a command cancelled mid-reply, and every sample is bounded anyway.
+            self._stop.set()
+            await self._task
         await self.sample()  # what Redis holds once the load has stopped
         if self._client is not None:
             await self._client.aclose()
 
     async def _poll(self) -> None:
-        while True:
+        while not self._stop.is_set():
             await self.sample()
-            await asyncio.sleep(self.every)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.every)  # the sampling period
 
     async def sample(self) -> None:
         assert self._client is not None
