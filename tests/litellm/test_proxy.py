@@ -245,10 +245,14 @@ def test_serves_through_redis_outage_and_resyncs_after(
 def test_fail_closed_answers_503_while_redis_is_away(
     start_proxy: StartProxy, keys: Keys, redis_srv: RedisServer
 ) -> None:
-    """`fail_closed_rate_limit_enforcement` keeps its meaning: no unverified admission once
-    the tier knows Redis is unreachable, LiteLLM's 503 instead, and service when it is back."""
+    """`fail_closed_rate_limit_enforcement` keeps its meaning: once this proxy's lease (which
+    Redis counts) is spent, no admission Redis cannot verify, LiteLLM's 503 instead, and
+    service again when Redis is back."""
     key = keys.add("sk-closed", rpm_limit=1000)
     proxy = start_proxy(general={"fail_closed_rate_limit_enforcement": True})
+    # LiteLLM's startup work can hold the event loop while the tier's first sync is in flight;
+    # a sync overdue by an interval sends a cold scope to the outage policy: a 503 here.
+    wait_for(lambda: proxy.chat(key).status_code == 200, what="the tier verified against Redis")
     assert proxy.statuses(key, 2) == [200, 200]
 
     redis_srv.stop()

@@ -191,12 +191,19 @@ class TieredRateLimits:
                 return self._settings.takes_tier(counter.scope.descriptor_value)
         return self._settings.share >= 100
 
-    def _unverifiable(self) -> bool:
-        """Under fail-closed enforcement, whether to refuse: Redis is known to be unreachable."""
-        return self._fail_closed() and bool(self.limiter.stats().get("degraded"))
+    def _fallbacks(self) -> int | None:
+        """Under fail-closed enforcement, the tier's count of outage-policy answers; else None.
 
-    def _check_degraded(self) -> None:
-        if self._unverifiable():
+        A decision that moved the count was not verified against Redis (the scope needed Redis
+        and it failed or was too slow), so LiteLLM refuses it with its 503. Admissions within
+        a lease are verified: Redis already counts the lease.
+        """
+        if not self._fail_closed():
+            return None
+        return int(self.limiter.stats()["fallback_decisions"])
+
+    def _verified(self, before: int | None) -> None:
+        if before is not None and self._fallbacks() != before:
             raise _unverifiable_error()
 
     # The window scripts, answered by the tier
@@ -212,16 +219,18 @@ class TieredRateLimits:
         if limits is None:
             return self._native.sliding_window(counters, now, window_size, send)
 
-        if self._unverifiable():
-            # Raised where LiteLLM awaits the reply, as a failed script would be: there it
-            # refunds and answers its 503, while a raise here would escape its handling.
-            return _failing(_unverifiable_error)
+        before = self._fallbacks()
         decision = self.limiter.try_acquire_many(limits)
         if decision is not None:
+            if before is not None and self._fallbacks() != before:
+                # Raised where LiteLLM awaits the reply, as a failed script would be: there it
+                # refunds and answers its 503, while a raise here would escape its handling.
+                return _failing(_unverifiable_error)
             return _ready(self._window_counts(counters, limits, decision, now, request))
 
         async def slow() -> list[WindowCount]:
             answer = await self.limiter.acquire_many(limits)
+            self._verified(before)
             return self._window_counts(counters, limits, answer, now, request)
 
         return _Pending(slow)
@@ -235,8 +244,9 @@ class TieredRateLimits:
         async def start_then_answer() -> list[WindowCount]:
             limits = self._window_limits(counters, request)
             if limits is not None and await self._ready_to_serve():
-                self._check_degraded()
+                before = self._fallbacks()
                 answer = await self.limiter.acquire_many(limits)
+                self._verified(before)
                 return self._window_counts(counters, limits, answer, now, request)
             pending = native.sliding_window(counters, now, window_size, _send_now())
             if pending is None:
@@ -307,7 +317,6 @@ class TieredRateLimits:
                 if pending is None:
                     raise ConnectionError("no Redis for the rate limiter")
                 return await pending.resolve()
-            self._check_degraded()
             return await self._reserve(counters, request)
 
         return _Pending(answer)
@@ -336,7 +345,9 @@ class TieredRateLimits:
             self.limiter.record(scope, tokens=tokens)
             decision = Decision(True, None, 0.0, None, None)
         else:
+            before = self._fallbacks()
             decision = await self.limiter.acquire(scope, rpm=rpm, tpm=tpm, tokens=tokens)
+            self._verified(before)
             if decision.allowed:
                 request.charged.add(scope)
 

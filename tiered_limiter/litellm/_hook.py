@@ -66,7 +66,13 @@ class TieredParallelRequestHandler(_PROXY_MaxParallelRequestsHandler_v3):
                 max_scopes=self.tier_settings.max_scopes,
                 namespace=redis_cache.namespace or "",
                 redis_timeout=self.tier_settings.redis_timeout,
-                on_redis_down=self.tier_settings.on_redis_down,
+                # Under fail-closed enforcement an outage-policy answer becomes LiteLLM's 503;
+                # "deny" makes sure it charged nothing first.
+                on_redis_down=(
+                    "deny"
+                    if fail_closed_rate_limit_enforcement_enabled(general)
+                    else self.tier_settings.on_redis_down
+                ),
             )
             self.tier = TieredRateLimits(
                 native,
