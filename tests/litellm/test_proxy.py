@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import redis
 from tiered_limiter.litellm import load
 
 from ..support import RedisServer
-from .conftest import MOCK_TOKENS, Keys, StartProxy, evalsha_calls, hashed, wait_for
+from .conftest import MOCK_TOKENS, Keys, Proxy, StartProxy, evalsha_calls, hashed, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -269,3 +270,32 @@ def test_fail_closed_answers_503_while_redis_is_away(
 
     redis_srv.start()
     wait_for(lambda: proxy.chat(key).status_code == 200, timeout=30, what="service back")
+
+
+def test_max_parallel_requests_stays_on_litellms_fleet_wide_gauge(
+    start_proxy: StartProxy, keys: Keys
+) -> None:
+    """The tier leaves `max_parallel_requests` to LiteLLM's exact gauge in Redis: one call in
+    flight on one tier proxy refuses the key's second call on another."""
+    key = keys.add("sk-parallel", rpm_limit=100, max_parallel_requests=1)
+    # A request may ask for LiteLLM's mock delay only where the config allows it.
+    general = {"dangerously_allow_mock_testing_request_params": True}
+    first, second = start_proxy(general=general), start_proxy(general=general)
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": "hello"}],
+        "mock_delay": 3.0,  # LiteLLM's mock sleeps this long before answering
+    }
+
+    def call(proxy: Proxy) -> int:
+        response = proxy.client.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        statuses = sorted(pool.map(call, [first, second]))
+
+    assert statuses == [200, 429]
+    # The slot is given back after the call.
+    assert first.chat(key).status_code == 200
