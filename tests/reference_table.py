@@ -217,8 +217,7 @@ class ReferenceTable:
             rec.used_req = rec.used_tok = 0
             push_r, top_r, rec.pend_req = _settle(rec.pend_req, want_r)
             push_t, top_t, rec.pend_tok = _settle(rec.pend_tok, want_t)
-            holds = rec.pend_req < 0 or rec.pend_tok < 0
-            if touched or holds or push_r or push_t or top_r or top_t:
+            if touched or push_r or push_t or top_r or top_t:
                 out.append(
                     (
                         scope,
@@ -264,6 +263,7 @@ class ReferenceTable:
         rec = entry.record or Record(scope)
         entry.record = rec
         rec.pend_tok += tokens
+        rec.used_tok += tokens  # a correction is use: it sizes the next token lease
         rec.touched = True
         return True
 

@@ -288,8 +288,8 @@ async def test_redis_restarted_empty_rebuilds_counts(server: RedisServer, clock:
 async def test_a_lease_lost_with_an_empty_restart_is_not_spent(
     server: RedisServer, clock: FakeClock
 ) -> None:
-    """Redis restarted empty forgets this proxy's lease: the next sync notices, and from then
-    on every admission is counted again, with no give-back taken from the new counts."""
+    """Redis restarted empty forgets this proxy's lease: the next heartbeat notices, and from
+    then on every admission is counted again, with no give-back taken from the new counts."""
     scope = "team:restarted"
     async with limiter(server.url, clock) as lim:
         assert (await lim.acquire(scope, rpm=1000)).allowed
@@ -297,8 +297,8 @@ async def test_a_lease_lost_with_an_empty_restart_is_not_spent(
         assert counts(server, scope)[1] > 1, "a lease is held"
         server.stop()
         server.start()
-        syncs = lim.stats()["syncs"]
-        await until(lambda: lim.stats()["syncs"] > syncs + 1, 5.0, "syncs to the new server")
+        # The next heartbeat finds this proxy missing: Redis lost its state, leases included.
+        await until(lambda: lim.stats()["redis_resets"] == 1, 5.0, "the lost leases noticed")
         for _ in range(20):
             assert (await lim.acquire(scope, rpm=1000)).allowed
         await lim.sync()

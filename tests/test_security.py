@@ -34,7 +34,7 @@ TIER_ACL = (
     "+del",
     "+incrby",
     "+incrbyfloat",
-    "+ttl",
+    "+mget",
     "+expire",
     "+time",
     "+zadd",

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _native, _validate
 from ._errors import InvalidArgumentError, InvalidTypeError, RedisUnavailableError
-from ._redis import Call, Delta, RedisBackend, Reply, redact
+from ._redis import Call, Delta, Heartbeat, RedisBackend, Reply, redact
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ _EVICT_BUDGET = 4096
 # Requests' worth of lease a cold scope or an exact check asks for; the share cap (what remains
 # / proxies) keeps it small near a limit.
 _FIRST_LEASE = 4
+# How often a heartbeat also prunes proxies gone silent: the live-proxy count is this fresh,
+# well inside the heartbeat's time to live (2 s or more).
+_PRUNE_SECONDS = 0.5
 # Batches per sync round trip: about 2,000 scopes, some 70 ms of work on a small machine.
 _SYNC_BATCHES = 4
 
@@ -161,6 +164,12 @@ class TieredLimiter:
         # When the sync in flight started (monotonic), None between syncs: a sync overdue by
         # an interval means Redis is slow, and requests stop waiting on it (`_redis_slow`).
         self._sync_since: float | None = None
+        # Every sync beats the heart, so a Redis that lost this proxy's leases is noticed in
+        # the same round trip as the leases granted since (`_heard`); one beat in
+        # `_prune_every` (about twice a second) also prunes silent proxies.
+        self._prune_every = max(1, math.ceil(_PRUNE_SECONDS / self._interval))
+        self._since_prune = 0
+        self._beaten = False
         self._error_kinds: set[str] = set()
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -173,6 +182,7 @@ class TieredLimiter:
             "fallback_decisions": 0,
             "dropped_deltas": 0,
             "dropped_corrections": 0,
+            "redis_resets": 0,
         }
 
     # Lifecycle
@@ -539,6 +549,23 @@ class TieredLimiter:
             )
         self._degraded = True
 
+    def _heard(self, backend: RedisBackend, heartbeat: Heartbeat) -> None:
+        """Take the live proxies from a heartbeat, and drop every lease if Redis lost them."""
+        if heartbeat.rejoined and self._beaten:
+            # Redis no longer had this proxy's heartbeat: it restarted empty (or this proxy
+            # was silent past the heartbeat's time to live). Leases it held are gone with it;
+            # spending them would admit requests no one counts.
+            scopes = self._table.forget_leases()
+            self._counts["redis_resets"] += 1
+            logger.warning(
+                "Redis at %s no longer held this proxy's heartbeat (restarted empty, or out "
+                "of reach past the heartbeat's time to live); dropped the leases of %d scopes",
+                self._url,
+                scopes,
+            )
+        self._beaten = True
+        self._proxies = backend.proxies = max(1, heartbeat.proxies)
+
     def _redis_slow(self) -> bool:
         """The sync in flight has waited longer than an interval: Redis is slow or away.
 
@@ -593,7 +620,7 @@ class TieredLimiter:
         # again whole on every try.
         step = self._batch * _SYNC_BATCHES
         replies: list[Reply] = []
-        proxies = self._proxies
+        prune = not self._beaten or self._since_prune + 1 >= self._prune_every
         for first in range(0, max(len(deltas), 1), step):
             chunk = deltas[first : first + step]
             calls = [
@@ -603,12 +630,14 @@ class TieredLimiter:
             started = time.time()
             self._sync_since = time.monotonic()
             try:
-                chunk_replies, proxies = await asyncio.wait_for(
+                chunk_replies, heartbeat = await asyncio.wait_for(
                     backend.sync(
                         calls,
                         batch_size=self._batch,
                         proxy_id=self._proxy_id,
                         heartbeat_ttl=max(5 * self._interval, 2.0),
+                        beat=first == 0,
+                        prune=prune,
                         leaving=leaving,
                     ),
                     max(self._timeout, self._interval),
@@ -622,6 +651,8 @@ class TieredLimiter:
             if self._degraded:
                 logger.warning("Redis at %s reachable again; syncing normally", self._url)
                 self._degraded = False
+            if heartbeat is not None:
+                self._heard(backend, heartbeat)
             self._apply(chunk_replies, started)
             replies.extend(chunk_replies)
 
@@ -631,7 +662,7 @@ class TieredLimiter:
             self._scopes_failed(len(failed))
         else:
             self._error_kinds.clear()
-        self._proxies = backend.proxies = max(1, proxies)
+        self._since_prune = 0 if prune else self._since_prune + 1
         self._counts["syncs"] += 1
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
 

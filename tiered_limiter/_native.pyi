@@ -135,7 +135,8 @@ class Table:
         """
 
     def record(self, scope: str, tokens: int, now: float, window: int) -> bool:
-        """Add a signed token correction to a scope's pending delta.
+        """Add a signed token correction to a scope's pending delta; it counts as use when
+        the next drain sizes the token lease.
 
         Returns:
             False when the scope is not tracked or its window has ended; the caller then sends
@@ -194,6 +195,13 @@ class Table:
 
         Returns:
             False when the scope could not be tracked (the table is full of unsynced scopes).
+        """
+
+    def forget_leases(self) -> int:
+        """Drop every lease held (negative pending deltas become 0), keeping unpushed charges.
+
+        For when Redis no longer holds the leases (it restarted empty). Returns how many
+        scopes held one.
         """
 
     def evict(self, now: float, window: int, budget: int) -> int:

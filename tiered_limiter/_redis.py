@@ -79,6 +79,15 @@ class Reply:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a heartbeat returned: live proxies, and whether this one was missing from the set
+    (Redis lost it, or this proxy was silent past the time to live)."""
+
+    proxies: int
+    rejoined: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """One scope's part of a script call: limits, the lease wanted, the delta pushed with it."""
 
@@ -224,27 +233,44 @@ class RedisBackend:
         batch_size: int,
         proxy_id: str,
         heartbeat_ttl: float,
+        beat: bool = True,
+        prune: bool = True,
         leaving: bool = False,
-    ) -> tuple[list[Reply], int]:
-        """Push deltas and beat the heart, in one round trip.
+    ) -> tuple[list[Reply], Heartbeat | None]:
+        """Push deltas and, with `beat`, beat the heart, in one round trip.
+
+        `prune` also drops proxies silent past `heartbeat_ttl` and renews the set's TTL: a beat
+        without it costs two commands fewer.
 
         Returns:
-            The replies of every batch and the number of live proxies.
+            The replies of every batch, and what the heartbeat said (None without one).
         """
         groups = self._groups(calls, batch_size)
         commands: list[Command] = [
             ("limiter", *self._args(g, check=False, tokens=0)) for g in groups
         ]
-        commands.append(
-            (
-                "heartbeat",
-                [self._proxies_key],
-                [proxy_id, self._now_arg(), heartbeat_ttl, 1 if leaving else 0],
+        if beat or leaving:
+            commands.append(
+                (
+                    "heartbeat",
+                    [self._proxies_key],
+                    [
+                        proxy_id,
+                        self._now_arg(),
+                        heartbeat_ttl,
+                        1 if leaving else 0,
+                        1 if prune or leaving else 0,
+                    ],
+                )
             )
-        )
+        if not commands:
+            return [], None
         results = await self._run(commands)
         replies = [self._parse(group, raw) for group, raw in zip(groups, results, strict=False)]
-        return replies, int(results[-1])
+        if len(results) == len(groups):
+            return replies, None
+        live, rejoined = (int(v) for v in results[-1])
+        return replies, Heartbeat(live, bool(rejoined))
 
     async def read(self, calls: Sequence[Call], *, batch_size: int) -> list[Reply]:
         """Read cold scopes and lease them, opening a window where none is open, in one trip."""

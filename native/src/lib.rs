@@ -569,6 +569,10 @@ impl PyTable {
         })
     }
 
+    fn forget_leases(&self) -> PyResult<usize> {
+        guarded("forget_leases", || Ok(self.inner.forget_leases()))
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         guarded("stats", || {
             let s = self.inner.stats();

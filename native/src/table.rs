@@ -1209,17 +1209,8 @@ impl Table {
 
                 let entry = record.entry as usize;
                 // A scope used in the closing interval is synced even with nothing to push,
-                // so that it reads the fleet's totals back; so is one still holding a lease,
-                // so that a Redis that lost the lease (restarted empty) is noticed within an
-                // interval, before the lease is spent.
-                let holds = *record.pend_req.get_mut() < 0 || *record.pend_tok.get_mut() < 0;
-                if touched
-                    || holds
-                    || push_req != 0
-                    || push_tok != 0
-                    || top_req != 0
-                    || top_tok != 0
-                {
+                // so that it reads the fleet's totals back.
+                if touched || push_req != 0 || push_tok != 0 || top_req != 0 || top_tok != 0 {
                     out.push(Delta {
                         scope: name,
                         window_start: shard.entries.get(entry).map_or(0, |e| e.window_start),
@@ -1276,6 +1267,9 @@ impl Table {
             }
             if let Some(record) = shard.record(entry) {
                 record.add(requests, tokens);
+                if want.is_none() {
+                    add_saturating(&record.used_tok, tokens);
+                }
                 return true;
             }
         }
@@ -1292,7 +1286,27 @@ impl Table {
             ri => ri as usize,
         };
         shard.records[ri].add(requests, tokens);
+        if want.is_none() {
+            // A correction is use: it sizes the next token lease as a charge does.
+            add_saturating(&shard.records[ri].used_tok, tokens);
+        }
         true
+    }
+
+    /// Drops every lease this process holds (negative pending deltas become 0), keeping
+    /// charges not yet pushed. For when Redis has lost the leases, e.g. restarted empty.
+    /// Returns how many scopes held one.
+    pub fn forget_leases(&self) -> usize {
+        let mut scopes = 0;
+        for padded in &*self.shards {
+            let shard = padded.0.read();
+            for record in shard.records.iter().filter(|r| r.name.is_some()) {
+                let req = record.pend_req.fetch_max(0, Relaxed);
+                let tok = record.pend_tok.fetch_max(0, Relaxed);
+                scopes += usize::from(req < 0 || tok < 0);
+            }
+        }
+        scopes
     }
 
     /// Gives back a delta that could not be pushed, if the scope still has the same window
@@ -1309,7 +1323,8 @@ impl Table {
         self.add_pending(scope, Some(window_start), requests, tokens, now, window)
     }
 
-    /// Adds a signed token correction to a tracked scope whose window is open.
+    /// Adds a signed token correction to a tracked scope whose window is open; it counts as
+    /// use, for the next token lease.
     pub fn record(&self, scope: &str, tokens: i64, now: f64, window: u32) -> bool {
         self.add_pending(scope, None, 0, tokens, now, window)
     }

@@ -23,10 +23,15 @@
 -- then drops the lease it still holds. A delta_window_start of 0 means no delta: the scope's
 -- window is opened if none is open.
 --
+-- Commands: each scope reads its three keys with one MGET, works out every change in the
+-- script, and writes each counter at most once (its delta, this request and its lease in one
+-- INCRBY), setting a TTL only on a key it creates. A busy scope costs three commands a sync.
+--
 -- A scope whose keys hold another type (WRONGTYPE) gets window_start -1 and no change: the
--- other scopes of the batch are still synced, and a check that names it charges nothing. Each
--- scope reads its keys before writing, so a failing scope leaves no partial charge behind. Any
--- other error (OOM, READONLY) fails the whole call, before its first write succeeds.
+-- other scopes of the batch are still synced, and a check that names it charges nothing. MGET
+-- reads such a key as missing, so a missing key is read again with GET, which raises
+-- WRONGTYPE before the scope writes anything: a failing scope leaves no partial charge behind.
+-- Any other error (OOM, READONLY) fails the whole call, before its first write succeeds.
 --
 -- Returns: {allowed (1/0), denying scope (1-based, 0 if none), now_seconds, now_microseconds,
 -- then per scope: window_start, requests, tokens (totals after every charge and lease),
@@ -46,59 +51,54 @@ else
 end
 local now = now_s + now_us / 1000000
 
-local function counter(key)
-  local v = tonumber(redis.call('GET', key))
-  if not v or v < 0 then
-    return 0
+-- A counter as MGET returned it; a missing key is read again so that a key of another type
+-- raises WRONGTYPE here, before any write. Returns the value (0 if none) and whether it exists.
+local function counter(key, raw)
+  if not raw then
+    raw = redis.call('GET', key)
+    if not raw then
+      return 0, false
+    end
   end
-  return math.floor(v)
+  local v = tonumber(raw)
+  if not v or v < 0 then
+    return 0, true
+  end
+  return v, true
 end
 
--- Requests are integers (LiteLLM INCRs them); tokens are INCRBYFLOAT'd, as LiteLLM does.
 -- Seconds from now to `ends`, at least 1: TTLs are relative to the script's clock, which is
 -- Redis's own unless the caller passed one.
 local function ttl_until(ends)
   return math.max(1, math.ceil(ends - now))
 end
 
--- Adds `amount` to a counter whose current value is `current` and returns the new value.
-local function charge(key, current, amount, ends, float)
-  if amount == 0 then
-    return current
-  end
-  local v
-  if float then
-    v = tonumber(redis.call('INCRBYFLOAT', key, amount))
-  else
-    v = redis.call('INCRBY', key, amount)
-  end
-  if v < 0 then
-    -- A refund larger than what Redis holds (it restarted empty): never leave a negative count.
-    redis.call('SET', key, 0, 'KEEPTTL')
-    v = 0
-  end
-  if redis.call('TTL', key) < 0 then
-    redis.call('EXPIRE', key, ttl_until(ends))
-  end
-  return math.floor(v)
-end
-
 local n = #KEYS / 3
-local starts, reqs, toks = {}, {}, {}
+-- Per scope: window start, counters as read, whether each counter key exists, and what to add.
+local starts, reqs, toks, has_r, has_t, add_r, add_t = {}, {}, {}, {}, {}, {}, {}
 local denied, failed = 0, 0
 local lease_req, lease_tok, restored = {}, {}, {}
 local tcheck = math.max(cost, 1)
 
-local function sync_scope(i)
+local function read_scope(i)
   local kw, kr, kt = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local base = 5 + 7 * (i - 1)
   local dws, dreq, dtok = tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6]), tonumber(ARGV[base + 7])
-  local ws = tonumber(redis.call('GET', kw))
+  local raw = redis.call('MGET', kw, kr, kt)
+  local ws = raw[1]
+  if not ws then
+    ws = redis.call('GET', kw)
+  end
+  ws = tonumber(ws)
   if ws and now >= ws + window then
     ws = nil
   end
   local delta_open = dws > 0 and now < dws + window
+  local r, hr, t, ht
   if not ws and (check or dws == 0 or delta_open) then
+    -- Raise WRONGTYPE on the counters before opening the window.
+    counter(kr, raw[2])
+    counter(kt, raw[3])
     if delta_open then
       ws = dws
       restored[i] = 1
@@ -108,28 +108,33 @@ local function sync_scope(i)
     end
     redis.call('SET', kw, ws, 'EX', ttl_until(ws + window))
     redis.call('DEL', kr, kt)
+    r, hr, t, ht = 0, false, 0, false
+  elseif ws then
+    r, hr = counter(kr, raw[2])
+    t, ht = counter(kt, raw[3])
+    r = math.floor(r)
+  else
+    return 0, 0, 0, false, false, 0, 0
   end
-  if not ws then
-    return 0, 0, 0
+  if not delta_open then
+    dreq, dtok = 0, 0
   end
-  local r, t = counter(kr), counter(kt)
-  if delta_open then
-    r = charge(kr, r, dreq, ws + window, false)
-    t = charge(kt, t, dtok, ws + window, true)
-  end
-  return ws, r, t
+  -- Counters never go negative: a refund larger than the count stops at 0.
+  local dr = math.max(dreq, -r)
+  local dt = math.max(dtok, -t)
+  return ws, r, t, hr, ht, dr, dt
 end
 
 for i = 1, n do
-  local ok, ws, r, t = pcall(sync_scope, i)
+  local ok, ws, r, t, hr, ht, dr, dt = pcall(read_scope, i)
   if ok then
-    starts[i], reqs[i], toks[i] = ws, r, t
+    starts[i], reqs[i], toks[i], has_r[i], has_t[i], add_r[i], add_t[i] = ws, r, t, hr, ht, dr, dt
   else
     local msg = type(ws) == 'table' and ws.err or tostring(ws)
     if string.find(msg, 'WRONGTYPE', 1, true) == nil then
       return redis.error_reply(msg)
     end
-    starts[i], reqs[i], toks[i] = -1, 0, 0
+    starts[i], reqs[i], toks[i], add_r[i], add_t[i] = -1, 0, 0, 0, 0
     if failed == 0 then
       failed = i
     end
@@ -140,7 +145,8 @@ if check and failed == 0 then
   for i = 1, n do
     local base = 5 + 7 * (i - 1)
     local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-    if (rpm > 0 and reqs[i] + 1 > rpm) or (tpm > 0 and toks[i] + tcheck > tpm) then
+    local r, t = reqs[i] + add_r[i], toks[i] + add_t[i]
+    if (rpm > 0 and r + 1 > rpm) or (tpm > 0 and t + tcheck > tpm) then
       denied = i
       break
     end
@@ -151,29 +157,55 @@ local allowed = 0
 if check and denied == 0 and failed == 0 then
   allowed = 1
   for i = 1, n do
-    reqs[i] = charge(KEYS[3 * i - 1], reqs[i], 1, starts[i] + window, false)
-    toks[i] = charge(KEYS[3 * i], toks[i], cost, starts[i] + window, true)
+    add_r[i] = add_r[i] + 1
+    add_t[i] = add_t[i] + cost
   end
 end
 
 -- A lease of at most `want`, and at most this proxy's share of what remains.
-local function lease(key, total, limit, want, ends, float)
+local function grant(total, limit, want)
   if limit <= 0 or want <= 0 then
-    return total, 0
+    return 0
   end
-  local grant = math.min(want, math.floor(math.max(0, limit - total) / proxies))
-  return charge(key, total, grant, ends, float), grant
+  return math.min(want, math.floor(math.max(0, limit - total) / proxies))
+end
+
+-- Adds `amount` to a counter (one write) and returns its new value, floored.
+local function write(key, amount, existed, ends, float)
+  local v
+  if float then
+    v = tonumber(redis.call('INCRBYFLOAT', key, amount))
+  else
+    v = redis.call('INCRBY', key, amount)
+  end
+  if not existed then
+    redis.call('EXPIRE', key, ttl_until(ends))
+  end
+  return math.floor(v)
 end
 
 for i = 1, n do
   lease_req[i], lease_tok[i] = 0, 0
-  if starts[i] > 0 and (allowed == 1 or not check) then
+  if starts[i] > 0 then
     local base = 5 + 7 * (i - 1)
-    local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-    local wreq, wtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+    if allowed == 1 or not check then
+      local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+      local wreq, wtok = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+      lease_req[i] = grant(reqs[i] + add_r[i], rpm, wreq)
+      lease_tok[i] = grant(toks[i] + add_t[i], tpm, wtok)
+    end
     local ends = starts[i] + window
-    reqs[i], lease_req[i] = lease(KEYS[3 * i - 1], reqs[i], rpm, wreq, ends, false)
-    toks[i], lease_tok[i] = lease(KEYS[3 * i], toks[i], tpm, wtok, ends, true)
+    local dr, dt = add_r[i] + lease_req[i], add_t[i] + lease_tok[i]
+    if dr ~= 0 then
+      reqs[i] = write(KEYS[3 * i - 1], dr, has_r[i], ends, false)
+    else
+      reqs[i] = math.floor(reqs[i])
+    end
+    if dt ~= 0 then
+      toks[i] = write(KEYS[3 * i], dt, has_t[i], ends, true)
+    else
+      toks[i] = math.floor(toks[i])
+    end
   end
 end
 

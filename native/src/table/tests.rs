@@ -1069,8 +1069,7 @@ impl Model {
             let (push_r, top_r, pend_r) = ref_settle(rec.pend_req, want_r);
             let (push_t, top_t, pend_t) = ref_settle(rec.pend_tok, want_t);
             (rec.pend_req, rec.pend_tok) = (pend_r, pend_t);
-            let holds = pend_r < 0 || pend_t < 0;
-            if touched || holds || push_r != 0 || push_t != 0 || top_r != 0 || top_t != 0 {
+            if touched || push_r != 0 || push_t != 0 || top_r != 0 || top_t != 0 {
                 out.push((
                     name.clone(),
                     st.ws,
@@ -1108,6 +1107,9 @@ impl Model {
         let rec = st.rec.get_or_insert_with(RefRecord::default);
         rec.pend_req = rec.pend_req.saturating_add(r);
         rec.pend_tok = rec.pend_tok.saturating_add(t);
+        if want.is_none() {
+            rec.used_tok = rec.used_tok.saturating_add(t);
+        }
         rec.touched = true;
         true
     }
@@ -1549,18 +1551,28 @@ fn concurrent_sync_loses_and_doubles_no_charge() {
 }
 
 #[test]
-fn an_idle_scope_holding_a_lease_is_still_synced() {
-    // So that a Redis which lost the lease (restarted empty) is noticed before it is spent.
+fn forgetting_leases_keeps_charges_to_push() {
     let t = table();
-    assert!(lease(&t, "user:a", 100, (5, 0), 100.0));
-    assert_eq!(outcome(&t, "user:a", 10, 0, 0, 100.0), Outcome::Admitted);
-    let first = t.drain(100.5, W, 10);
-    assert_eq!(first, vec![delta("user:a", 100, (-1, 0), (0, 0), (10, 0))]);
-    // Idle: it keeps one request's worth and gives back the rest.
-    let second = t.drain(101.0, W, 10);
-    assert_eq!(second, vec![delta("user:a", 100, (-2, 0), (0, 0), (10, 0))]);
-    // Nothing to push or ask for, but a lease held: synced all the same.
-    let third = t.drain(101.5, W, 10);
-    assert_eq!(third, vec![delta("user:a", 100, (0, 0), (0, 0), (10, 0))]);
-    assert_eq!(t.take("user:a"), Some((100, -1, 0)));
+    assert!(lease(&t, "leased", 100, (5, 50), 100.0));
+    assert_eq!(outcome(&t, "leased", 10, 100, 7, 100.0), Outcome::Admitted);
+    assert!(apply(&t, "charged", 100, 0, 0, 100.0));
+    assert!(t.record("charged", 3, 100.0, W));
+    assert_eq!(t.forget_leases(), 1);
+    assert_eq!(t.take("leased"), Some((100, 0, 0)));
+    assert_eq!(t.take("charged"), Some((100, 0, 3)));
+    // Without its lease, the scope's next request goes to Redis.
+    assert_eq!(outcome(&t, "leased", 10, 100, 7, 100.0), Outcome::Exact);
+}
+
+#[test]
+fn a_token_correction_sizes_the_next_token_lease() {
+    let t = table();
+    assert!(lease(&t, "u", 100, (5, 50), 100.0));
+    assert_eq!(outcome(&t, "u", 10, 1000, 10, 100.0), Outcome::Admitted);
+    // The call used 30 more tokens than estimated.
+    assert!(t.record("u", 30, 100.0, W));
+    let d = t.drain(100.5, W, 10);
+    // Used 40 tokens: keep 2 * 40 + 10, holding 50 - 10 - 30 = 10; ask for the other 80.
+    // One request of the five leased is used: keep three, give one back.
+    assert_eq!(d, vec![delta("u", 100, (-1, 0), (0, 80), (10, 1000))]);
 }
