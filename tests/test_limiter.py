@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -330,3 +331,25 @@ def test_decision_reads_like_a_tuple_and_by_name() -> None:
     allowed, remaining, retry_after, *_ = decision
     assert (allowed, remaining, retry_after) == (False, 0, 12.5)
     assert decision.scope == "user:u-1"
+
+
+async def test_a_burst_on_a_scope_without_a_lease_shares_its_exact_checks(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """Requests that would each go exact wait for the check in flight and spend its lease."""
+    async with TieredLimiter(redis_url, sync_interval=30, clock=clock) as lim:
+        assert (await lim.acquire("api_key:burst", rpm=10_000)).allowed  # load: a first lease
+        for _ in range(3):
+            assert lim.try_acquire("api_key:burst", rpm=10_000) is not None
+        assert lim.try_acquire("api_key:burst", rpm=10_000) is None  # the lease is spent
+        before = lim.stats()["exact_checks"]
+        burst = await asyncio.gather(*(lim.acquire("api_key:burst", rpm=10_000) for _ in range(16)))
+        assert all(d.allowed for d in burst)
+        exact = lim.stats()["exact_checks"] - before
+        # Each exact check brings a lease of a few requests: far fewer checks than requests.
+        assert exact <= 16 // 4 + 1, exact
+    r = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert r.get("{api_key:burst}:requests") == "20"  # leases given back on close
+    finally:
+        r.close()

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 _ADMITTED = _native.ADMITTED
 _DENIED = _native.DENIED
 _LOAD = _native.LOAD
+_EXACT = _native.EXACT
 _POLICIES = ("local", "allow", "deny")
 # Each scope in a sync batch costs three keys and five arguments in one script call; 500 keeps
 # a call well under a millisecond of Redis time.
@@ -39,6 +40,8 @@ _FIRST_LEASE = 4
 # How often a heartbeat also prunes proxies gone silent: the live-proxy count is this fresh,
 # well inside the heartbeat's time to live (2 s or more).
 _PRUNE_SECONDS = 0.5
+# Rounds of the slow path: loads, and waits on exact checks in flight, before its own.
+_SLOW_ROUNDS = 8
 # Batches per sync round trip: about 2,000 scopes, some 70 ms of work on a small machine.
 _SYNC_BATCHES = 4
 
@@ -172,6 +175,9 @@ class TieredLimiter:
         self._beaten = False
         self._error_kinds: set[str] = set()
         self._loading: dict[str, asyncio.Future[None]] = {}
+        # Exact checks in flight, by scope: a request that would go exact on a scope already
+        # being checked waits for that reply (and the lease it brings) and checks again.
+        self._exacting: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._counts = {
@@ -355,9 +361,13 @@ class TieredLimiter:
     async def _acquire_slow(
         self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
     ) -> Decision:
-        """Answer a request that needs Redis: read cold scopes, then check exactly if needed."""
+        """Answer a request that needs Redis: read cold scopes, then check exactly if needed.
+
+        Everything it waits for, together, takes at most `redis_timeout`.
+        """
         backend = self._backend
-        for _ in range(2):
+        deadline = time.monotonic() + self._timeout
+        for _ in range(_SLOW_ROUNDS):
             result = self._table.check(
                 scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies
             )
@@ -366,18 +376,27 @@ class TieredLimiter:
             if self._degraded or backend is None or self._redis_slow():
                 return self._fallback(scopes, rpms, tpms, tokens)
             if result[0] != _LOAD:
-                break
+                in_flight = {self._exacting[s] for s in scopes if s in self._exacting}
+                if not in_flight:
+                    break
+                # Share the exact check in flight: its reply brings a lease that may cover
+                # this request too (a burst on a scope takes one exact check per lease).
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait(in_flight, timeout=max(left, 0.0))
+                if len(done) < len(in_flight):
+                    return self._fallback(scopes, rpms, tpms, tokens)
+                continue
             try:
-                await self._load(backend, scopes, rpms, tpms, tokens)
+                await self._load(backend, scopes, rpms, tpms, tokens, deadline)
             except _ScopesFailedError:
-                return self._fallback(scopes, rpms, tpms, tokens)
+                break  # answered by the policy, below
             except _Errors as exc:
                 self._redis_failed(exc)
-                return self._fallback(scopes, rpms, tpms, tokens)
+                break
 
-        if backend is None:
+        if backend is None or result[0] != _EXACT:
             return self._fallback(scopes, rpms, tpms, tokens)
-        return await self._exact(backend, scopes, rpms, tpms, tokens)
+        return await self._exact(backend, scopes, rpms, tpms, tokens, deadline)
 
     async def _load(
         self,
@@ -386,6 +405,7 @@ class TieredLimiter:
         rpms: list[int],
         tpms: list[int],
         tokens: int,
+        deadline: float,
     ) -> None:
         """Read scopes from Redis, with a first lease; concurrent requests share one read."""
         waiting = [self._loading[s] for s in scopes if s in self._loading]
@@ -398,7 +418,9 @@ class TieredLimiter:
                 started = time.time()
                 limits = {s: (r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)}
                 calls = [Call(s, *limits[s], *_lease_wanted(*limits[s], tokens)) for s in fresh]
-                replies = await _within(backend.read(calls, batch_size=self._batch), self._timeout)
+                replies = await _within(
+                    backend.read(calls, batch_size=self._batch), deadline - time.monotonic()
+                )
                 self._counts["loads"] += 1
                 self._apply(replies, started)
                 failed = [s for reply in replies for s in reply.failed]
@@ -415,7 +437,7 @@ class TieredLimiter:
                 for s in fresh:
                     self._loading.pop(s, None)
         for other in waiting:
-            await asyncio.shield(other)
+            await _within(asyncio.shield(other), deadline - time.monotonic())
 
     async def _exact(
         self,
@@ -424,12 +446,33 @@ class TieredLimiter:
         rpms: list[int],
         tpms: list[int],
         tokens: int,
+        deadline: float,
     ) -> Decision:
         """Check and charge atomically in Redis, pushing these scopes' pending deltas first.
 
         Every proxy's local spending is already in Redis as leases, so the check is exact; an
         admitted request also brings a new lease for the requests that follow.
         """
+        mine = asyncio.get_running_loop().create_future()
+        claimed = [s for s in dict.fromkeys(scopes) if s not in self._exacting]
+        for s in claimed:
+            self._exacting[s] = mine
+        try:
+            return await self._exact_call(backend, scopes, rpms, tpms, tokens, deadline)
+        finally:
+            for s in claimed:
+                self._exacting.pop(s, None)
+            mine.set_result(None)
+
+    async def _exact_call(
+        self,
+        backend: RedisBackend,
+        scopes: list[str],
+        rpms: list[int],
+        tpms: list[int],
+        tokens: int,
+        deadline: float,
+    ) -> Decision:
         taken = [self._table.take(s) for s in scopes]
         calls = [
             Call(s, r, t, *_lease_wanted(r, t, tokens), *(d if d is not None else (0, 0, 0)))
@@ -437,7 +480,7 @@ class TieredLimiter:
         ]
         started = time.time()
         try:
-            reply = await _within(backend.acquire(calls, tokens), self._timeout)
+            reply = await _within(backend.acquire(calls, tokens), deadline - time.monotonic())
         except _Errors as exc:
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
             self._redis_failed(exc)
@@ -676,14 +719,14 @@ async def _within(call: Awaitable[_T], timeout: float) -> _T:
     """
     task = asyncio.ensure_future(call)
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        done, _ = await asyncio.wait({task}, timeout=max(timeout, 0.0))
     except asyncio.CancelledError:
         task.cancel()
         raise
     if not done:
         task.cancel()
         task.add_done_callback(_retrieve)
-        raise TimeoutError(f"no answer from Redis within {timeout} s")
+        raise TimeoutError(f"no answer from Redis within {max(timeout, 0.0):.3f} s")
     return task.result()
 
 
