@@ -90,21 +90,32 @@ def load(
         )
 
     raw: dict[str, object] = {}
+    where: dict[str, str] = {}
     for name, (variable, key, default) in _KNOBS.items():
-        raw[name] = env.get(variable, section.get(key, default))
+        if variable in env:
+            raw[name], where[name] = env[variable], variable
+        else:
+            raw[name] = section.get(key, default)
+            where[name] = f"general_settings.tiered_limiter.{key}"
+    raw["window"] = env.get("LITELLM_RATE_LIMIT_WINDOW_SIZE", "60")
+    where["window"] = "LITELLM_RATE_LIMIT_WINDOW_SIZE"
 
-    try:
-        return Settings(
-            share=parse_mode(raw["mode"]),
-            sync_interval=float(raw["sync_interval"]),  # type: ignore[arg-type]
-            max_scopes=int(raw["max_scopes"]),  # type: ignore[call-overload]
-            redis_timeout=float(raw["redis_timeout"]),  # type: ignore[arg-type]
-            on_redis_down=str(raw["on_redis_down"]),
-            window=int(env.get("LITELLM_RATE_LIMIT_WINDOW_SIZE", "60")),
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InvalidArgumentError):
-            raise
-        raise InvalidArgumentError(
-            f"a tiered_limiter setting has an unusable value: {exc}"
-        ) from None
+    def number(name: str, kind: type[float] | type[int]) -> float:
+        value = raw[name]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise TypeError
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidArgumentError(
+                f"{where[name]} must be a number, got {value!r}"[:300]
+            ) from None
+
+    return Settings(
+        share=parse_mode(raw["mode"]),
+        sync_interval=number("sync_interval", float),
+        max_scopes=int(number("max_scopes", int)),
+        redis_timeout=number("redis_timeout", float),
+        on_redis_down=str(raw["on_redis_down"]),
+        window=int(number("window", int)),
+    )
