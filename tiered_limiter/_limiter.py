@@ -453,26 +453,12 @@ class TieredLimiter:
         Every proxy's local spending is already in Redis as leases, so the check is exact; an
         admitted request also brings a new lease for the requests that follow.
         """
+        # Requests that would go exact on these scopes meanwhile wait for this reply; they
+        # resume only after it is applied below, since nothing awaits in between.
         mine = asyncio.get_running_loop().create_future()
         claimed = [s for s in dict.fromkeys(scopes) if s not in self._exacting]
         for s in claimed:
             self._exacting[s] = mine
-        try:
-            return await self._exact_call(backend, scopes, rpms, tpms, tokens, deadline)
-        finally:
-            for s in claimed:
-                self._exacting.pop(s, None)
-            mine.set_result(None)
-
-    async def _exact_call(
-        self,
-        backend: RedisBackend,
-        scopes: list[str],
-        rpms: list[int],
-        tpms: list[int],
-        tokens: int,
-        deadline: float,
-    ) -> Decision:
         taken = [self._table.take(s) for s in scopes]
         calls = [
             Call(s, r, t, *_lease_wanted(r, t, tokens), *(d if d is not None else (0, 0, 0)))
@@ -485,6 +471,10 @@ class TieredLimiter:
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
             self._redis_failed(exc)
             return self._fallback(scopes, rpms, tpms, tokens)
+        finally:
+            for s in claimed:
+                self._exacting.pop(s, None)
+            mine.set_result(None)
 
         return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, started)
 
@@ -534,7 +524,8 @@ class TieredLimiter:
         for reply in replies:
             for t in reply.totals:
                 if t.restored:
-                    self._drop_lease(t.scope, now)
+                    # Redis lost this window, and the lease this proxy held in it.
+                    self._table.forget_lease(t.scope)
                 if t.window_start and not self._table.apply(
                     t.scope,
                     t.window_start,
@@ -546,16 +537,6 @@ class TieredLimiter:
                     t.lease_tokens,
                 ):
                     logger.debug("table full of unsynced scopes; a scope stays untracked")
-
-    def _drop_lease(self, scope: str, now: float) -> None:
-        """Forget the lease a scope holds after Redis lost it, keeping unpushed charges."""
-        taken = self._table.take(scope)
-        if taken is None:
-            return
-        window_start, requests, tokens = taken
-        requests, tokens = max(requests, 0), max(tokens, 0)
-        if requests or tokens:
-            self._table.restore(scope, window_start, requests, tokens, now, self._window)
 
     def _note_redis_time(self, replies: list[Reply], started: float) -> float:
         if self._clock is None and replies:

@@ -204,6 +204,9 @@ class Table:
         scopes held one.
         """
 
+    def forget_lease(self, scope: str) -> bool:
+        """`forget_leases` for one scope; True when it held a lease."""
+
     def evict(self, now: float, window: int, budget: int) -> int:
         """Evict up to `budget` idle scopes whose window ended; returns how many it evicted."""
 

@@ -263,8 +263,6 @@ class RedisBackend:
                     ],
                 )
             )
-        if not commands:
-            return [], None
         results = await self._run(commands)
         replies = [self._parse(group, raw) for group, raw in zip(groups, results, strict=False)]
         if len(results) == len(groups):

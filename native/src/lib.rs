@@ -573,6 +573,13 @@ impl PyTable {
         guarded("forget_leases", || Ok(self.inner.forget_leases()))
     }
 
+    fn forget_lease(&self, scope: &Bound<'_, PyAny>) -> PyResult<bool> {
+        guarded("forget_lease", || {
+            let name = str_arg(scope, "scope")?;
+            Ok(self.inner.forget_lease(&name))
+        })
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         guarded("stats", || {
             let s = self.inner.stats();

@@ -243,6 +243,14 @@ impl Record {
         self.pend_req.load(Relaxed) <= 0 && self.pend_tok.load(Relaxed) <= 0
     }
 
+    /// Drops the lease this record holds (a negative pending delta becomes 0), keeping
+    /// charges not yet pushed. True when it held one.
+    fn forget_lease(&self) -> bool {
+        let req = self.pend_req.fetch_max(0, Relaxed);
+        let tok = self.pend_tok.fetch_max(0, Relaxed);
+        req < 0 || tok < 0
+    }
+
     fn add(&self, requests: i64, tokens: i64) {
         add_saturating(&self.pend_req, requests);
         add_saturating(&self.pend_tok, tokens);
@@ -1301,12 +1309,20 @@ impl Table {
         for padded in &*self.shards {
             let shard = padded.0.read();
             for record in shard.records.iter().filter(|r| r.name.is_some()) {
-                let req = record.pend_req.fetch_max(0, Relaxed);
-                let tok = record.pend_tok.fetch_max(0, Relaxed);
-                scopes += usize::from(req < 0 || tok < 0);
+                scopes += usize::from(record.forget_lease());
             }
         }
         scopes
+    }
+
+    /// `forget_leases` for one scope, whose window Redis lost. True when it held a lease.
+    pub fn forget_lease(&self, scope: &str) -> bool {
+        let h = self.hash(scope);
+        let shard = self.shard(&h).read();
+        shard
+            .find(self.geo, &h)
+            .and_then(|ei| shard.record(&shard.entries[ei]))
+            .is_some_and(Record::forget_lease)
     }
 
     /// Gives back a delta that could not be pushed, if the scope still has the same window

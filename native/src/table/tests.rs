@@ -1562,6 +1562,15 @@ fn forgetting_leases_keeps_charges_to_push() {
     assert_eq!(t.take("charged"), Some((100, 0, 3)));
     // Without its lease, the scope's next request goes to Redis.
     assert_eq!(outcome(&t, "leased", 10, 100, 7, 100.0), Outcome::Exact);
+
+    // One scope at a time, as when Redis lost only that scope's window.
+    assert!(lease(&t, "leased", 100, (5, 50), 100.0));
+    assert!(t.record("charged", 2, 100.0, W));
+    assert!(!t.forget_lease("charged"));
+    assert!(!t.forget_lease("unknown"));
+    assert!(t.forget_lease("leased"));
+    assert_eq!(t.take("leased"), Some((100, 0, 0)));
+    assert_eq!(t.take("charged"), Some((100, 0, 2)));
 }
 
 #[test]
