@@ -107,6 +107,11 @@ class TieredLimiter:
         shards: Independently locked parts of the in-memory table (a power of two).
         idle_release: Seconds a scope may go unused and keep the small lease that lets its
             next request skip Redis; after that, the lease goes back to the fleet.
+        lease_horizon: Seconds of a scope's use a lease may cover (capped, beyond two
+            intervals, at a sixteenth of the limit). A busy scope is synced when its lease
+            runs low and at least once per horizon, not every interval: Redis traffic then
+            follows active scopes over the horizon. A sync_interval or shorter syncs every
+            scope used in an interval, at its end.
 
     Raises:
         InvalidArgumentError: An argument has an unusable value (the message names it).
@@ -128,6 +133,7 @@ class TieredLimiter:
         proxy_id: str | None = None,
         shards: int = 64,
         idle_release: float = 5.0,
+        lease_horizon: float = 10.0,
     ) -> None:
         self._window = _validate.positive_int(window, "window", maximum=86_400 * 366)
         self._interval = _validate.positive_seconds(sync_interval, "sync_interval")
@@ -138,6 +144,8 @@ class TieredLimiter:
         self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
         idle = _validate.positive_seconds(idle_release, "idle_release")
         self._idle_drains = max(1, math.ceil(idle / self._interval))
+        horizon = _validate.positive_seconds(lease_horizon, "lease_horizon")
+        self._lease_drains = max(1, round(min(horizon, self._window) / self._interval))
         self._policy = _validate.choice(on_redis_down, "on_redis_down", _POLICIES)
         self._batch = _validate.positive_int(batch_size, "batch_size", maximum=100_000)
         _validate.positive_int(max_scopes, "max_scopes", maximum=2**31)
@@ -637,7 +645,7 @@ class TieredLimiter:
                 return
 
         idle = 0 if leaving else self._idle_drains
-        deltas = self._table.drain(self._now(), self._window, idle)
+        deltas = self._table.drain(self._now(), self._window, idle, self._lease_drains)
         # A round trip carries at most _SYNC_BATCHES batches, so that a backlog (after an
         # outage, or more active scopes than one sync pushes in redis_timeout) is pushed in
         # steps that each fit the timeout, instead of timing out, being given back and pushed

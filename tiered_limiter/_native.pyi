@@ -144,22 +144,29 @@ class Table:
         """
 
     def drain(
-        self, now: float, window: int, idle_drains: int
+        self, now: float, window: int, idle_drains: int, lease_drains: int | None = None
     ) -> list[tuple[str, int, int, int, int, int, int, int]]:
-        """Settle every active scope for a sync, leaving its lease in place.
+        """Settle the active scopes that are due for a sync, leaving their leases in place.
 
         A scope's pending delta is positive for charges made without a lease and negative
-        for the lease it still holds (capacity Redis already counts as this proxy's). Each
-        scope keeps a lease of twice what it used since the previous drain (at least one
-        request's worth while used recently), gives back the rest, and asks for the
-        difference. A scope untouched for `idle_drains` drains in a row gives back its whole
-        lease and, once nothing is left, stops being active (stale). Scopes whose window has
-        ended are dropped.
+        for the lease it still holds (capacity Redis already counts as this proxy's). A scope
+        is due when it holds charges made without a lease of a limited kind, when its lease
+        would not last two more drains at the pace it was used since it was last settled,
+        or `lease_drains` drains after that; a scope not due is left as it is. A due scope
+        keeps a lease of `lease_drains + 1` drains at that pace (the part beyond two drains
+        at most a sixteenth of the limit, and at least one request's worth while used
+        recently), gives back the rest, and asks for the difference; with `lease_drains` 1,
+        every scope used is settled at every drain to twice its last use. A scope untouched
+        for `idle_drains` drains in a row gives back its whole lease and, once nothing is
+        left, stops being active (stale). Scopes whose window has ended are dropped.
+
+        Raises:
+            ValueError: lease_drains is 0.
 
         Returns:
             `(scope, window_start, requests, tokens, want_requests, want_tokens, rpm, tpm)` for
-            each scope with something to push or a lease to ask for: the signed delta to add
-            in Redis, the extra lease wanted, and the limits of its last charge.
+            each scope settled with something to push, a lease to ask for, or use to read
+            the fleet's totals back for.
         """
 
     def take(self, scope: str) -> tuple[int, int, int] | None:

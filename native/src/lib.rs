@@ -464,18 +464,26 @@ impl PyTable {
         })
     }
 
+    #[pyo3(signature = (now, window, idle_drains, lease_drains = None))]
     fn drain<'py>(
         &self,
         py: Python<'py>,
         now: &Bound<'_, PyAny>,
         window: &Bound<'_, PyAny>,
         idle_drains: &Bound<'_, PyAny>,
+        lease_drains: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
         guarded("drain", || {
             let now = now_arg(now)?;
             let window = window_arg(window)?;
             let idle = u32_arg(idle_drains, "idle_drains")?;
-            let deltas = self.inner.drain(now, window, idle);
+            let lease = lease_drains.map_or(Ok(1), |v| u32_arg(v, "lease_drains"))?;
+            if lease == 0 {
+                return Err(PyValueError::new_err(
+                    "lease_drains must be 1 or more, got 0",
+                ));
+            }
+            let deltas = self.inner.drain(now, window, idle, lease);
             PyList::new(
                 py,
                 deltas.iter().map(|d| {

@@ -228,6 +228,8 @@ struct Record {
     last_tokens: AtomicU32,
     /// Drains in a row that found the scope untouched.
     idle: u32,
+    /// Drains since the scope was last settled (synced); `used_*` accumulate over them.
+    unsettled: u32,
     /// Index of the owning entry.
     entry: u32,
     /// Set by apply; false on a record created by a charge on a stale scope.
@@ -637,6 +639,49 @@ enum Found {
         record: Option<usize>,
         verdict: Verdict,
     },
+}
+
+/// How a scope's lease follows its use across drains.
+///
+/// A scope is settled (synced) when its lease would not cover two more drains at the pace it
+/// has used it since it was last settled, when it holds charges made without a lease, or
+/// after `lease_drains` drains in any case; otherwise it waits, and a sync skips it. When
+/// settled, it asks for a lease of `lease_drains + 1` drains at that pace, of which the part
+/// beyond two drains is capped at a sixteenth of the limit (so that a proxy that dies, or a
+/// proxy without the tier beside it, loses little of a tight limit to leases). With
+/// `lease_drains` 1, every scope used is settled at every drain, to twice its last use.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    /// Drains since the scope was last settled, this one included (1 or more).
+    drains: u32,
+    lease_drains: u32,
+}
+
+impl Pace {
+    /// `used` over the drains since the last settle, scaled to `drains` drains, rounded up.
+    fn scaled(self, used: i64, drains: u32) -> i64 {
+        let used = i128::from(used.max(0));
+        let since = i128::from(self.drains.max(1));
+        let v = (used * i128::from(drains) + since - 1) / since;
+        v.clamp(0, i128::from(i64::MAX)) as i64
+    }
+
+    /// The lease a limited kind wants when settled: zero without a limit.
+    fn want(self, limit: u32, used: i64, floor: u32) -> i64 {
+        if limit == 0 {
+            return 0;
+        }
+        let near = self.scaled(used, 2);
+        let far = self.scaled(used, self.lease_drains.saturating_add(1));
+        let cap = near.max(i64::from(limit.div_ceil(16)));
+        far.min(cap).saturating_add(i64::from(floor))
+    }
+
+    /// A limited kind holds charges made without a lease, or a lease that will not last two
+    /// more drains at its pace.
+    fn runs_low(self, limit: u32, pend: i64, used: i64, floor: u32) -> bool {
+        limit > 0 && (pend > 0 || -pend < self.scaled(used, 2).saturating_add(i64::from(floor)))
+    }
 }
 
 /// Settles one kind of a record's pending delta at a drain against the lease it wants next:
@@ -1165,9 +1210,11 @@ impl Table {
         true
     }
 
-    /// Takes every pending delta, leaving zero behind; records idle since the previous drain
-    /// (untouched, nothing pending) are removed and their scopes become stale.
-    pub fn drain(&self, now: f64, window: u32, idle_drains: u32) -> Vec<Delta> {
+    /// Settles the active records that are due (see `Pace`) for a sync: returns what each
+    /// has to push and the lease it asks for, leaving minus the lease it keeps as its pending
+    /// delta. A record untouched for `idle_drains` drains gives its whole lease back and is
+    /// then removed (its scope becomes stale); records whose window ended are removed.
+    pub fn drain(&self, now: f64, window: u32, idle_drains: u32, lease_drains: u32) -> Vec<Delta> {
         let mut out = Vec::new();
         for padded in &*self.shards {
             let mut shard = padded.0.write();
@@ -1195,29 +1242,53 @@ impl Table {
                 } else {
                     record.idle.saturating_add(1)
                 };
+                let releasing = record.idle >= idle_drains;
+                let drains = record.unsettled.saturating_add(1);
+                let (rpm, tpm) = (*record.lim_req.get_mut(), *record.lim_tok.get_mut());
+                let last_tokens = *record.last_tokens.get_mut();
+                let pace = Pace {
+                    drains,
+                    lease_drains,
+                };
+                let due = releasing
+                    || drains >= lease_drains
+                    || pace.runs_low(
+                        rpm,
+                        *record.pend_req.get_mut(),
+                        *record.used_req.get_mut(),
+                        1,
+                    )
+                    || pace.runs_low(
+                        tpm,
+                        *record.pend_tok.get_mut(),
+                        *record.used_tok.get_mut(),
+                        last_tokens,
+                    );
+                if !due {
+                    // Its lease covers the next drains and nothing unleased waits: the scope
+                    // is left for a later sync, its use accumulating to size the next lease.
+                    record.unsettled = drains;
+                    continue;
+                }
+
+                record.unsettled = 0;
                 let used_req = std::mem::take(record.used_req.get_mut());
                 let used_tok = std::mem::take(record.used_tok.get_mut());
-                let (rpm, tpm) = (*record.lim_req.get_mut(), *record.lim_tok.get_mut());
-                let releasing = record.idle >= idle_drains;
-                // Ask for twice what this interval used, and keep at least one request's worth
-                // while the scope is recently used, so its next request needs no Redis.
                 let want = |limit: u32, used: i64, floor: u32| -> i64 {
-                    if releasing || limit == 0 {
+                    if releasing {
                         0
                     } else {
-                        used.max(0)
-                            .saturating_mul(2)
-                            .saturating_add(i64::from(floor))
+                        pace.want(limit, used, floor)
                     }
                 };
                 let want_req = want(rpm, used_req, 1);
-                let want_tok = want(tpm, used_tok, *record.last_tokens.get_mut());
+                let want_tok = want(tpm, used_tok, last_tokens);
                 let (push_req, top_req) = settle(record.pend_req.get_mut(), want_req);
                 let (push_tok, top_tok) = settle(record.pend_tok.get_mut(), want_tok);
 
                 let entry = record.entry as usize;
-                // A scope used in the closing interval is synced even with nothing to push,
-                // so that it reads the fleet's totals back.
+                // A scope used since it was last settled is synced even with nothing to
+                // push, so that it reads the fleet's totals back.
                 if touched || push_req != 0 || push_tok != 0 || top_req != 0 || top_tok != 0 {
                     out.push(Delta {
                         scope: name,

@@ -59,7 +59,7 @@ fn lease(t: &Table, name: &str, window_start: u32, lease: (u32, u32), now: f64) 
 
 /// Drains with records released after one idle drain.
 fn drain(t: &Table, now: f64) -> Vec<Delta> {
-    t.drain(now, W, 1)
+    t.drain(now, W, 1, 1)
 }
 
 fn delta(
@@ -451,6 +451,63 @@ fn drain_gives_back_lease_beyond_twice_the_use() {
 }
 
 #[test]
+fn a_scope_whose_lease_lasts_is_not_synced_until_it_runs_low() {
+    let t = table();
+    // rpm 10,000: the cap of a sixteenth (625) does not bind here.
+    assert!(lease(&t, "u", 100, (20, 0), 100.0));
+    let limits = (10_000, 0);
+    let use_twice = || {
+        for _ in 0..2 {
+            assert_eq!(outcome(&t, "u", 10_000, 0, 0, 100.0), Outcome::Admitted);
+        }
+    };
+    // 2 a drain with 20 held: 18 left covers two more drains (4 + 1), so no sync.
+    use_twice();
+    assert_eq!(t.drain(100.0, W, 100, 10), vec![]);
+    for _ in 0..6 {
+        use_twice();
+        assert_eq!(t.drain(100.0, W, 100, 10), vec![]);
+    }
+    // 14 used over 7 drains; 6 held, then 4 after this drain: below 2 * 2 + 1, so it is
+    // settled and asks for 11 drains at 2 (22) plus the floor, holding 4.
+    use_twice();
+    assert_eq!(
+        t.drain(100.0, W, 100, 10),
+        vec![delta("u", 100, (0, 0), (19, 0), limits)]
+    );
+    assert_eq!(t.take("u"), Some((100, -4, 0)));
+}
+
+#[test]
+fn a_paced_scope_is_settled_after_lease_drains_even_with_lease_left() {
+    let t = table();
+    assert!(lease(&t, "u", 100, (50, 0), 100.0));
+    assert_eq!(outcome(&t, "u", 10_000, 0, 0, 100.0), Outcome::Admitted);
+    for _ in 0..2 {
+        assert_eq!(t.drain(100.0, W, 100, 3), vec![]);
+    }
+    // Third drain: one request over 3 drains; wants ceil(1 * 4 / 3) + 1 = 3 of the 49 held.
+    assert_eq!(
+        t.drain(100.0, W, 100, 3),
+        vec![delta("u", 100, (-46, 0), (0, 0), (10_000, 0))]
+    );
+}
+
+#[test]
+fn a_paced_lease_beyond_two_drains_is_capped_at_a_sixteenth_of_the_limit() {
+    let t = table();
+    assert!(lease(&t, "v", 100, (30, 0), 100.0));
+    for _ in 0..30 {
+        assert_eq!(outcome(&t, "v", 160, 0, 0, 100.0), Outcome::Admitted);
+    }
+    // 30 used in one drain: 51 drains would be 1,530; capped at max(2 * 30, 160 / 16) + 1.
+    assert_eq!(
+        t.drain(100.0, W, 100, 50),
+        vec![delta("v", 100, (0, 0), (61, 0), (160, 0))]
+    );
+}
+
+#[test]
 fn idle_scope_releases_its_lease_then_goes_stale() {
     let t = table();
     assert!(lease(&t, "u", 100, (5, 0), 100.0));
@@ -458,21 +515,21 @@ fn idle_scope_releases_its_lease_then_goes_stale() {
     let limits = (10, 0);
     // Used: keeps 2*1+1.
     assert_eq!(
-        t.drain(100.0, W, 2),
+        t.drain(100.0, W, 2, 1),
         vec![delta("u", 100, (-1, 0), (0, 0), limits)]
     );
     // Idle once: keeps the floor of one request.
     assert_eq!(
-        t.drain(100.0, W, 2),
+        t.drain(100.0, W, 2, 1),
         vec![delta("u", 100, (-2, 0), (0, 0), limits)]
     );
     // Idle twice: gives everything back.
     assert_eq!(
-        t.drain(100.0, W, 2),
+        t.drain(100.0, W, 2, 1),
         vec![delta("u", 100, (-1, 0), (0, 0), limits)]
     );
     assert_eq!(t.stats().active, 1);
-    assert_eq!(t.drain(100.0, W, 2), vec![]);
+    assert_eq!(t.drain(100.0, W, 2, 1), vec![]);
     assert_eq!(t.stats().active, 0);
     assert_eq!(t.take("u"), None);
     assert_eq!(
@@ -761,7 +818,7 @@ fn extreme_values_saturate_instead_of_panicking() {
     }
     assert!(t.record("u", i64::MIN, max, 1));
     for idle in [u32::MAX, 0] {
-        t.drain(max, u32::MAX, idle);
+        t.drain(max, u32::MAX, idle, 1);
     }
     t.stats();
     t.evict(max, u32::MAX, usize::MAX);
@@ -881,6 +938,7 @@ struct RefRecord {
     lim_tok: u32,
     last_tokens: u32,
     idle: u32,
+    unsettled: u32,
     fresh: bool,
     touched: bool,
 }
@@ -1040,7 +1098,13 @@ impl Model {
         true
     }
 
-    fn drain(&mut self, now: f64, window: u32, idle_drains: u32) -> Vec<RefDelta> {
+    fn drain(
+        &mut self,
+        now: f64,
+        window: u32,
+        idle_drains: u32,
+        lease_drains: u32,
+    ) -> Vec<RefDelta> {
         let mut out = Vec::new();
         for (name, st) in &mut self.scopes {
             let open = st.open(now, window);
@@ -1055,11 +1119,30 @@ impl Model {
             rec.idle = if touched { 0 } else { rec.idle + 1 };
             rec.touched = false;
             let releasing = rec.idle >= idle_drains;
+            let drains = i128::from(rec.unsettled + 1);
+            // Use since the last settle, at `n` drains of its pace, rounded up.
+            let at = |used: i64, n: u32| -> i64 {
+                let used = i128::from(used.max(0));
+                ((used * i128::from(n) + drains - 1) / drains) as i64
+            };
+            let low = |limit: u32, pend: i64, used: i64, floor: u32| {
+                limit > 0 && (pend > 0 || -pend < at(used, 2) + i64::from(floor))
+            };
+            let due = releasing
+                || drains >= i128::from(lease_drains)
+                || low(rec.lim_req, rec.pend_req, rec.used_req, 1)
+                || low(rec.lim_tok, rec.pend_tok, rec.used_tok, rec.last_tokens);
+            if !due {
+                rec.unsettled += 1;
+                continue;
+            }
+            rec.unsettled = 0;
             let want = |limit: u32, used: i64, floor: u32| {
                 if releasing || limit == 0 {
                     0
                 } else {
-                    2 * used.max(0) + i64::from(floor)
+                    let cap = at(used, 2).max(i64::from(limit.div_ceil(16)));
+                    at(used, lease_drains + 1).min(cap) + i64::from(floor)
                 }
             };
             let want_r = want(rec.lim_req, rec.used_req, 1);
@@ -1146,7 +1229,7 @@ enum Op {
         age: u32,
         totals: Totals,
     },
-    Drain(u32),
+    Drain(u32, u32),
     Take(usize),
     Restore {
         scope: usize,
@@ -1194,7 +1277,7 @@ fn op() -> impl Strategy<Value = Op> {
                 },
             }
         ),
-        2 => (0u32..4).prop_map(Op::Drain),
+        2 => (0u32..4, 1u32..6).prop_map(|(idle, lease)| Op::Drain(idle, lease)),
         1 => scope.clone().prop_map(Op::Take),
         1 => (scope.clone(), 0u32..4, -3i64..4, -20i64..20).prop_map(
             |(scope, age, requests, tokens)| Op::Restore {
@@ -1264,8 +1347,11 @@ proptest! {
                         m.apply(NAMES[scope], &totals, now, W)
                     );
                 }
-                Op::Drain(idle) => {
-                    prop_assert_eq!(sorted(t.drain(now, W, idle)), m.drain(now, W, idle));
+                Op::Drain(idle, lease) => {
+                    prop_assert_eq!(
+                        sorted(t.drain(now, W, idle, lease)),
+                        m.drain(now, W, idle, lease)
+                    );
                 }
                 Op::Take(s) => prop_assert_eq!(t.take(NAMES[s]), m.take(NAMES[s])),
                 Op::Restore { scope, age, requests, tokens } => {
@@ -1399,7 +1485,7 @@ impl Fleet {
     /// Drains the table, as a sync does, and answers each drained scope with its new totals
     /// and the lease granted (what it asked for, within its limits).
     fn sync(&mut self, t: &Table, idle_drains: u32) {
-        for d in t.drain(100.0, W, idle_drains) {
+        for d in t.drain(100.0, W, idle_drains, 1) {
             let total = self.totals.entry(d.scope.to_string()).or_default();
             let grant = |total: u32, push: i64, want: u32, limit: u32| {
                 let total = i64::from(total) + push;
@@ -1580,7 +1666,7 @@ fn a_token_correction_sizes_the_next_token_lease() {
     assert_eq!(outcome(&t, "u", 10, 1000, 10, 100.0), Outcome::Admitted);
     // The call used 30 more tokens than estimated.
     assert!(t.record("u", 30, 100.0, W));
-    let d = t.drain(100.5, W, 10);
+    let d = t.drain(100.5, W, 10, 1);
     // Used 40 tokens: keep 2 * 40 + 10, holding 50 - 10 - 30 = 10; ask for the other 80.
     // One request of the five leased is used: keep three, give one back.
     assert_eq!(d, vec![delta("u", 100, (-1, 0), (0, 80), (10, 1000))]);
