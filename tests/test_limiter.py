@@ -314,11 +314,39 @@ async def test_bad_scopes_raise(
         ({"max_scopes": 0}, "max_scopes must be between 1"),
         ({"on_redis_down": "panic"}, "on_redis_down must be one of local, allow, deny"),
         ({"redis_timeout": 0}, "redis_timeout must be a positive"),
+        ({"lease_horizon": 0}, "lease_horizon must be a positive"),
+        ({"lease_horizon": math.nan}, "lease_horizon must be a positive"),
     ],
 )
 def test_bad_configuration_raises(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         TieredLimiter(None, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("horizon", "most"), [(QUIET * 20, 5), (QUIET, 30)])
+async def test_a_busy_scope_is_synced_when_its_lease_runs_low(
+    redis_url: str, clock: FakeClock, horizon: float, most: int
+) -> None:
+    """With a horizon of 20 intervals, a scope charged twice an interval lives on its lease
+    and is synced a few times in 30 syncs; with a horizon of one interval, at every sync. Either
+    way Redis ends with exactly what was admitted once the leases are given back."""
+    admitted = 0
+    async with TieredLimiter(
+        redis_url, sync_interval=QUIET, window=3600, clock=clock, lease_horizon=horizon
+    ) as lim:
+        for _ in range(30):
+            for _ in range(2):
+                admitted += (await lim.acquire(KEY, rpm=10**6, tpm=10**8, tokens=10)).allowed
+            await lim.sync()
+            clock.advance(QUIET)
+        synced = lim.stats()["scopes_synced"]
+        print(f"horizon {horizon} s: scope synced {synced} times in 30 syncs")
+        assert counts(redis_url, KEY)[1] >= admitted, "every admission is counted, leases too"
+    assert admitted == 60
+    assert 1 <= synced <= most
+    if horizon == QUIET:
+        assert synced == 30
+    assert counts(redis_url, KEY)[1:] == (60, 600.0)
 
 
 def test_redis_of_the_wrong_type_raises() -> None:

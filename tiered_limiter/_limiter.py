@@ -190,6 +190,7 @@ class TieredLimiter:
         self._sync_lock = asyncio.Lock()
         self._counts = {
             "syncs": 0,
+            "scopes_synced": 0,
             "redis_errors": 0,
             "loads": 0,
             "exact_checks": 0,
@@ -686,6 +687,7 @@ class TieredLimiter:
             if heartbeat is not None:
                 self._heard(backend, heartbeat)
             self._apply(chunk_replies, started)
+            self._counts["scopes_synced"] += len(chunk)
             replies.extend(chunk_replies)
 
         failed = {s for reply in replies for s in reply.failed}

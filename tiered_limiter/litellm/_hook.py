@@ -62,6 +62,7 @@ class TieredParallelRequestHandler(_PROXY_MaxParallelRequestsHandler_v3):
             limiter = TieredLimiter(
                 _tier_client(redis_cache),
                 sync_interval=self.tier_settings.sync_interval,
+                lease_horizon=self.tier_settings.lease_horizon,
                 window=self.tier_settings.window,
                 max_scopes=self.tier_settings.max_scopes,
                 namespace=redis_cache.namespace or "",

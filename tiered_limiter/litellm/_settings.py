@@ -13,6 +13,7 @@ from .._errors import InvalidArgumentError
 _KNOBS: dict[str, tuple[str, str, object]] = {
     "mode": ("TIERED_LIMITER", "mode", "on"),
     "sync_interval": ("TIERED_LIMITER_SYNC_INTERVAL", "sync_interval", 0.1),
+    "lease_horizon": ("TIERED_LIMITER_LEASE_HORIZON", "lease_horizon", 10.0),
     "max_scopes": ("TIERED_LIMITER_MAX_SCOPES", "max_scopes", 1_000_000),
     "redis_timeout": ("TIERED_LIMITER_REDIS_TIMEOUT", "redis_timeout", 0.25),
     "on_redis_down": ("TIERED_LIMITER_ON_REDIS_DOWN", "on_redis_down", "local"),
@@ -26,6 +27,8 @@ class Settings:
     Attributes:
         share: Percent of API keys (0-100) whose requests take the tier; 100 is "on", 0 "off".
         sync_interval: Seconds between syncs with Redis.
+        lease_horizon: Seconds of a scope's traffic a lease may cover, as
+            `TieredLimiter(lease_horizon=...)`.
         max_scopes: Scopes tracked in memory per process.
         redis_timeout: The longest a request waits on Redis.
         on_redis_down: "local", "allow" or "deny", as `TieredLimiter(on_redis_down=...)`.
@@ -34,6 +37,7 @@ class Settings:
 
     share: int = 100
     sync_interval: float = 0.1
+    lease_horizon: float = 10.0
     max_scopes: int = 1_000_000
     redis_timeout: float = 0.25
     on_redis_down: str = "local"
@@ -114,6 +118,7 @@ def load(
     return Settings(
         share=parse_mode(raw["mode"]),
         sync_interval=number("sync_interval", float),
+        lease_horizon=number("lease_horizon", float),
         max_scopes=int(number("max_scopes", int)),
         redis_timeout=number("redis_timeout", float),
         on_redis_down=str(raw["on_redis_down"]),
