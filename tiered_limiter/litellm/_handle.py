@@ -11,11 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from litellm.caching.redis_batch import Batch
+from litellm.redis.stores.rate_limits import (
+    AtomicCounter,
+    AtomicReply,
+    CounterIncrement,
+    RateLimitCounter,
+    RateLimitStore,
+)
 from litellm.rust_bridge._native import (
     AtomicApplied,
     AtomicOverLimit,
@@ -31,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 # How long to wait before trying again to start a limiter whose Redis did not answer.
 _START_RETRY_SECONDS = 5.0
+# How long one read of `fail_closed_rate_limit_enforcement` holds: reading LiteLLM's settings
+# costs more than the tier's whole check, and the setting changes only with the config.
+_FAIL_CLOSED_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -70,31 +82,34 @@ class _Await:
 class _Pending:
     """What LiteLLM's `NativePending` offers: `resolve()` returning an awaitable."""
 
-    __slots__ = ("_start",)
+    __slots__ = ("_reply",)
 
-    def __init__(self, start: Callable[[], Awaitable[Any]]) -> None:
-        self._start = start
+    def __init__(self, reply: Awaitable[Any]) -> None:
+        self._reply = reply
 
-    def resolve(self) -> _Await:
-        return _Await(self._start)
+    def resolve(self) -> Awaitable[Any]:
+        return self._reply
 
 
 def _unverifiable_error() -> ConnectionError:
     return ConnectionError("tiered_limiter cannot reach Redis to verify the limits")
 
 
-def _failing(error: Callable[[], BaseException]) -> _Pending:
-    async def fail() -> Any:
-        raise error()
-
-    return _Pending(fail)
+async def _raise_unverifiable() -> Any:
+    raise _unverifiable_error()
 
 
-def _ready(value: Any) -> _Pending:
-    async def answer() -> Any:
-        return value
+def _unverifiable() -> _Await:
+    """A reply that raises where LiteLLM awaits it, as a failed script's would."""
+    return _Await(_raise_unverifiable)
 
-    return _Pending(answer)
+
+def _done(value: Any) -> asyncio.Future[Any]:
+    """A reply already known: awaiting it does not yield to the event loop, and gathering it
+    starts no task."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def _scope(counter: Any) -> str:
@@ -125,7 +140,8 @@ class TieredRateLimits:
         self._started = False
         self._starting: asyncio.Task[bool] | None = None
         self._next_start = 0.0
-        self._needs_tokens_only = True
+        self._fail_closed_on = False
+        self._fail_closed_until = -math.inf
 
     # Lifecycle
 
@@ -198,62 +214,81 @@ class TieredRateLimits:
         and it failed or was too slow), so LiteLLM refuses it with its 503. Admissions within
         a lease are verified: Redis already counts the lease.
         """
-        if not self._fail_closed():
+        now = time.monotonic()
+        if now >= self._fail_closed_until:
+            self._fail_closed_on = self._fail_closed()
+            self._fail_closed_until = now + _FAIL_CLOSED_SECONDS
+        if not self._fail_closed_on:
             return None
+        return self._fallback_count()
+
+    def _fallback_count(self) -> int:
         return int(self.limiter.stats()["fallback_decisions"])
 
+    def _unverified(self, before: int | None) -> bool:
+        """Whether the tier answered by its outage policy since `_fallbacks()` gave `before`."""
+        return before is not None and self._fallback_count() != before
+
     def _verified(self, before: int | None) -> None:
-        if before is not None and self._fallbacks() != before:
+        if self._unverified(before):
             raise _unverifiable_error()
 
     # The window scripts, answered by the tier
 
     def sliding_window(self, counters: Sequence[Any], now: int, window_size: int, send: Any) -> Any:
         """The RPM script: charge one request to every scope, or none, and report the counts."""
-        request = self._takes_tier(window_size)
-        if request is None or not self._started:
-            if request is not None:
-                return self._deferred_window(counters, now, window_size, send, request)
+        reply = self.window(counters, now, window_size)
+        if reply is None:
             return self._native.sliding_window(counters, now, window_size, send)
+        return _Pending(reply)
+
+    def window(
+        self, counters: Sequence[Any], now: int, window_size: int
+    ) -> Awaitable[tuple[WindowCount, ...]] | None:
+        """The tier's answer to the RPM script, or None where LiteLLM's own store answers.
+
+        The tier decides at once when it can, so the reply is usually already done: awaiting
+        it waits on nothing, neither Redis nor the request's batch of Redis scripts.
+        """
+        request = self._takes_tier(window_size)
+        if request is None:
+            return None
+        if not self._started:
+            return _Await(lambda: self._deferred_window(counters, now, window_size, request))
         limits = self._window_limits(counters, request)
         if limits is None:
-            return self._native.sliding_window(counters, now, window_size, send)
+            return None
 
         before = self._fallbacks()
         decision = self.limiter.try_acquire_many(limits)
         if decision is not None:
-            if before is not None and self._fallbacks() != before:
+            if self._unverified(before):
                 # Raised where LiteLLM awaits the reply, as a failed script would be: there it
                 # refunds and answers its 503, while a raise here would escape its handling.
-                return _failing(_unverifiable_error)
-            return _ready(self._window_counts(counters, limits, decision, now, request))
+                return _unverifiable()
+            return _done(self._window_counts(counters, limits, decision, now, request))
 
-        async def slow() -> list[WindowCount]:
+        async def slow() -> tuple[WindowCount, ...]:
             answer = await self.limiter.acquire_many(limits)
             self._verified(before)
             return self._window_counts(counters, limits, answer, now, request)
 
-        return _Pending(slow)
+        return _Await(slow)
 
-    def _deferred_window(
-        self, counters: Sequence[Any], now: int, window_size: int, send: Any, request: Any
-    ) -> Any:
+    async def _deferred_window(
+        self, counters: Sequence[Any], now: int, window_size: int, request: RequestLimits
+    ) -> tuple[WindowCount, ...]:
         """The first requests of a worker: start the tier, or let LiteLLM answer meanwhile."""
-        native = self._native
-
-        async def start_then_answer() -> list[WindowCount]:
-            limits = self._window_limits(counters, request)
-            if limits is not None and await self._ready_to_serve():
-                before = self._fallbacks()
-                answer = await self.limiter.acquire_many(limits)
-                self._verified(before)
-                return self._window_counts(counters, limits, answer, now, request)
-            pending = native.sliding_window(counters, now, window_size, _send_now())
-            if pending is None:
-                raise ConnectionError("no Redis for the rate limiter")
-            return list(await pending.resolve())
-
-        return _Pending(start_then_answer)
+        limits = self._window_limits(counters, request)
+        if limits is not None and await self._ready_to_serve():
+            before = self._fallbacks()
+            answer = await self.limiter.acquire_many(limits)
+            self._verified(before)
+            return self._window_counts(counters, limits, answer, now, request)
+        pending = self._native.sliding_window(counters, now, window_size, _send_now())
+        if pending is None:
+            raise ConnectionError("no Redis for the rate limiter")
+        return tuple(await pending.resolve())
 
     def _window_limits(self, counters: Sequence[Any], request: RequestLimits) -> list[Limit] | None:
         """One `Limit` per scope of the script call; None when a limit is unknown."""
@@ -278,7 +313,7 @@ class TieredRateLimits:
         decision: Decision,
         now: int,
         request: RequestLimits,
-    ) -> list[WindowCount]:
+    ) -> tuple[WindowCount, ...]:
         """Counts as the RPM script would report them, so LiteLLM's verdict matches the tier's.
 
         A denied request gets `limit + 1` on the denying scope, which makes LiteLLM answer its
@@ -302,24 +337,62 @@ class TieredRateLimits:
             counts.append(WindowCount(start, count))
         if decision.allowed:
             request.charged.update(by_scope)
-        return counts
+        return tuple(counts)
 
     def check_and_increment(self, counters: Sequence[Any], send: Any) -> Any:
         """The TPM reservation: one scope's token estimate, checked and charged by the tier."""
+        reply = self.reservation(counters)
+        if reply is None:
+            return self._native.check_and_increment(counters, send)
+        return _Pending(reply)
+
+    def reservation(self, counters: Sequence[Any]) -> Awaitable[Any] | None:
+        """The tier's answer to a TPM reservation, or None where LiteLLM's own store answers."""
         windows = {c.window_size for c in counters}
         request = self._takes_tier(windows.pop() if len(windows) == 1 else -1)
         if request is None or not self._reservation_fits(counters):
-            return self._native.check_and_increment(counters, send)
+            return None
+        if not self._started:
+            return _Await(lambda: self._deferred_reservation(counters, request))
 
-        async def answer() -> Any:
-            if not await self._ready_to_serve():
-                pending = self._native.check_and_increment(counters, _send_now())
-                if pending is None:
-                    raise ConnectionError("no Redis for the rate limiter")
-                return await pending.resolve()
-            return await self._reserve(counters, request)
+        reservation = _Reservation(counters)
+        if reservation.rpm is None and reservation.scope in request.charged:
+            # This request's window check already charged the scope one request and found it
+            # below its token limit; the core has no tokens-only charge, so add the estimate.
+            self.limiter.record(reservation.scope, tokens=reservation.tokens)
+            return _done(reservation.reply(Decision(True, None, 0.0, None, None), request))
 
-        return _Pending(answer)
+        before = self._fallbacks()
+        decision = self.limiter.try_acquire(
+            reservation.scope, rpm=reservation.rpm, tpm=reservation.tpm, tokens=reservation.tokens
+        )
+        if decision is not None:
+            if self._unverified(before):
+                return _unverifiable()
+            return _done(reservation.reply(decision, request))
+
+        async def slow() -> Any:
+            answer = await self.limiter.acquire(
+                reservation.scope,
+                rpm=reservation.rpm,
+                tpm=reservation.tpm,
+                tokens=reservation.tokens,
+            )
+            self._verified(before)
+            return reservation.reply(answer, request)
+
+        return _Await(slow)
+
+    async def _deferred_reservation(self, counters: Sequence[Any], request: RequestLimits) -> Any:
+        """A reservation before the tier has started: start it, or let LiteLLM answer."""
+        if await self._ready_to_serve():
+            reply = self.reservation(counters)
+            if reply is not None:
+                return await reply
+        pending = self._native.check_and_increment(counters, _send_now())
+        if pending is None:
+            raise ConnectionError("no Redis for the rate limiter")
+        return await pending.resolve()
 
     @staticmethod
     def _reservation_fits(counters: Sequence[Any]) -> bool:
@@ -332,43 +405,6 @@ class TieredRateLimits:
             and all(c.increment == 1 for c in requests)
             and all(c.increment >= 0 for c in tokens)
         )
-
-    async def _reserve(self, counters: Sequence[Any], request: RequestLimits) -> Any:
-        scope = _scope(counters[0].counter)
-        rpm = next((c.limit for c in counters if c.counter.kind == "requests"), None)
-        tpm = next((c.limit for c in counters if c.counter.kind == "tokens"), None)
-        tokens = next((c.increment for c in counters if c.counter.kind == "tokens"), 0)
-
-        if rpm is None and scope in request.charged:
-            # This request's window check already charged the scope one request and found it
-            # below its token limit; the core has no tokens-only charge, so add the estimate.
-            self.limiter.record(scope, tokens=tokens)
-            decision = Decision(True, None, 0.0, None, None)
-        else:
-            before = self._fallbacks()
-            decision = await self.limiter.acquire(scope, rpm=rpm, tpm=tpm, tokens=tokens)
-            self._verified(before)
-            if decision.allowed:
-                request.charged.add(scope)
-
-        start = int(time.time())
-        if not decision.allowed:
-            request.retry_after[scope] = decision.retry_after
-            index = _denied_index(counters, decision, tokens)
-            denied = counters[index]
-            left = (
-                decision.remaining
-                if denied.counter.kind == "requests"
-                else (decision.remaining_tokens)
-            )
-            return AtomicOverLimit(index, max(0, denied.limit - (left or 0)), denied.limit)
-
-        replies: list[tuple[int, int]] = []
-        for c in counters:
-            left = decision.remaining if c.counter.kind == "requests" else decision.remaining_tokens
-            count = c.increment if left is None else min(c.limit, max(0, c.limit - left))
-            replies.append((count, start))
-        return AtomicApplied(replies)
 
     # Token corrections, absorbed by the tier
 
@@ -385,16 +421,22 @@ class TieredRateLimits:
                 counter, expected_window_start, amount, ttl_seconds, send
             )
         self.limiter.record(_scope(counter), tokens=round(amount))
-        return _ready(GuardedReply(True, 0))
+        return _Pending(_done(GuardedReply(True, 0)))
 
     def token_increment(self, increments: Sequence[Any], send: Any) -> Any:
         if not self._started or not self._tier_for_tokens([i.counter for i in increments]):
             return self._native.token_increment(increments, send)
-        return _ready(self._record(increments))
+        return _Pending(_done(tuple(self._record(increments))))
 
     def token_increment_post_call(self, request: Any, increments: Sequence[Any]) -> bool:
+        if self.take_tokens(increments):
+            return True
+        return bool(self._native.token_increment_post_call(request, increments))
+
+    def take_tokens(self, increments: Sequence[Any]) -> bool:
+        """Charge token corrections to the tier if their request took it; False leaves them."""
         if not self._started or not self._tier_for_tokens([i.counter for i in increments]):
-            return bool(self._native.token_increment_post_call(request, increments))
+            return False
         self._record(increments)
         return True
 
@@ -402,27 +444,16 @@ class TieredRateLimits:
         if not self._started or not self._tier_for_tokens([increment.counter]):
             return self._native.increment(increment)  # type: ignore[no-any-return]
         self._record([increment])
-
-        async def done() -> float:
-            return float(increment.amount)
-
-        return _Await(done)
+        return _done(float(increment.amount))
 
     def increment_many(self, increments: Sequence[Any]) -> Awaitable[None]:
-        if not self._started or not self._tier_for_tokens([i.counter for i in increments]):
+        if not self.take_tokens(increments):
             return self._native.increment_many(increments)  # type: ignore[no-any-return]
-        self._record(increments)
-
-        async def done() -> None:
-            return None
-
-        return _Await(done)
+        return _done(None)
 
     def increment_many_post_call(self, request: Any, increments: Sequence[Any]) -> None:
-        if not self._started or not self._tier_for_tokens([i.counter for i in increments]):
+        if not self.take_tokens(increments):
             self._native.increment_many_post_call(request, increments)
-            return
-        self._record(increments)
 
     def _record(self, increments: Sequence[Any]) -> list[float]:
         for item in increments:
@@ -471,6 +502,82 @@ class TieredRateLimits:
 
     def parallel_release_post_call(self, request: Any, gauges: Sequence[Any], slot_id: str) -> bool:
         return bool(self._native.parallel_release_post_call(request, gauges, slot_id))
+
+
+class TieredRateLimitStore(RateLimitStore):
+    """LiteLLM's `RateLimitStore` over the handle, letting the tier's answers skip the batch.
+
+    LiteLLM's store puts every script of a request on the request's batch of Redis calls, and
+    awaiting any reply sends that batch: with nothing in it, that is still a trip through
+    LiteLLM's native runtime and back to the event loop, about 35 us of CPU. A script the tier
+    answers needs no Redis, so its reply is handed back as it is; everything else takes
+    LiteLLM's path.
+    """
+
+    def __init__(self, handle: TieredRateLimits) -> None:
+        super().__init__(handle)
+        self._tier = handle
+
+    def sliding_window(
+        self, counters: Sequence[RateLimitCounter], now: int, window_size: int, *, batch: Batch
+    ) -> Awaitable[tuple[WindowCount, ...]]:
+        reply = self._tier.window(counters, now, window_size)
+        if reply is None:
+            return super().sliding_window(counters, now, window_size, batch=batch)
+        return reply
+
+    def check_and_increment(
+        self, counters: Sequence[AtomicCounter], *, batch: Batch
+    ) -> Awaitable[AtomicReply]:
+        reply = self._tier.reservation(counters)
+        if reply is None:
+            return super().check_and_increment(counters, batch=batch)
+        return reply
+
+    def token_increment_post_call(self, increments: Sequence[CounterIncrement]) -> bool:
+        # Taken here, the request's post-call batch of Redis writes is not even opened.
+        return self._tier.take_tokens(increments) or super().token_increment_post_call(increments)
+
+
+class _Reservation:
+    """One scope's TPM reservation as LiteLLM declares it, and the reply its script would give."""
+
+    __slots__ = ("counters", "rpm", "scope", "tokens", "tpm")
+
+    def __init__(self, counters: Sequence[Any]) -> None:
+        self.counters = counters
+        self.scope = _scope(counters[0].counter)
+        self.rpm: int | None = None
+        self.tpm: int | None = None
+        self.tokens = 0
+        for c in counters:
+            if c.counter.kind == "requests":
+                self.rpm = c.limit
+            else:
+                self.tpm = c.limit
+                self.tokens = c.increment
+
+    def reply(self, decision: Decision, request: RequestLimits) -> AtomicApplied | AtomicOverLimit:
+        counters = self.counters
+        if not decision.allowed:
+            request.retry_after[self.scope] = decision.retry_after
+            index = _denied_index(counters, decision, self.tokens)
+            denied = counters[index]
+            left = (
+                decision.remaining
+                if denied.counter.kind == "requests"
+                else decision.remaining_tokens
+            )
+            return AtomicOverLimit(index, max(0, denied.limit - (left or 0)), denied.limit)
+
+        request.charged.add(self.scope)
+        start = int(time.time())
+        replies: list[tuple[int, int]] = []
+        for c in counters:
+            left = decision.remaining if c.counter.kind == "requests" else decision.remaining_tokens
+            count = c.increment if left is None else min(c.limit, max(0, c.limit - left))
+            replies.append((count, start))
+        return AtomicApplied(replies)
 
 
 def _denied_index(counters: Sequence[Any], decision: Decision, tokens: int) -> int:

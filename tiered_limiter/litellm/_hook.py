@@ -18,7 +18,7 @@ from litellm.types.passthrough_endpoints.pass_through_endpoints import EndpointT
 
 from .. import TieredLimiter
 from . import _settings
-from ._handle import REQUEST, RequestLimits, TieredRateLimits
+from ._handle import REQUEST, RequestLimits, TieredRateLimits, TieredRateLimitStore
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class TieredParallelRequestHandler(_PROXY_MaxParallelRequestsHandler_v3):
             )
             TieredParallelRequestHandler.handles.append(self.tier)
             self.tier.start_soon()
-            kwargs["rate_limit_store"] = RateLimitStore(self.tier)
+            kwargs["rate_limit_store"] = TieredRateLimitStore(self.tier)
         elif self.tier_settings.enabled and redis_cache is None:
             logger.info("tiered_limiter: no coordination Redis; LiteLLM's own limiter serves")
         kwargs.setdefault("rate_limit_store", RateLimitStore(native))
