@@ -23,6 +23,7 @@ from litellm.redis.stores.rate_limits import (
     AtomicReply,
     CounterIncrement,
     RateLimitCounter,
+    RateLimitGauge,
     RateLimitStore,
 )
 from litellm.rust_bridge._native import (
@@ -260,7 +261,7 @@ class TieredRateLimits:
             return None
 
         before = self._fallbacks()
-        decision = self.limiter.try_acquire_many(limits)
+        decision = self._try(limits)
         if decision is not None:
             if self._unverified(before):
                 # Raised where LiteLLM awaits the reply, as a failed script would be: there it
@@ -269,7 +270,7 @@ class TieredRateLimits:
             return _done(self._window_counts(counters, limits, decision, now, request))
 
         async def slow() -> tuple[WindowCount, ...]:
-            answer = await self.limiter.acquire_many(limits)
+            answer = await self._acquire(limits)
             self._verified(before)
             return self._window_counts(counters, limits, answer, now, request)
 
@@ -282,13 +283,26 @@ class TieredRateLimits:
         limits = self._window_limits(counters, request)
         if limits is not None and await self._ready_to_serve():
             before = self._fallbacks()
-            answer = await self.limiter.acquire_many(limits)
+            answer = await self._acquire(limits)
             self._verified(before)
             return self._window_counts(counters, limits, answer, now, request)
         pending = self._native.sliding_window(counters, now, window_size, _send_now())
         if pending is None:
             raise ConnectionError("no Redis for the rate limiter")
         return tuple(await pending.resolve())
+
+    def _try(self, limits: Sequence[Limit]) -> Decision | None:
+        # One scope, the common case, takes the core's single-scope path: a quarter the cost.
+        if len(limits) == 1:
+            one = limits[0]
+            return self.limiter.try_acquire(one.scope, rpm=one.rpm, tpm=one.tpm)
+        return self.limiter.try_acquire_many(limits)
+
+    async def _acquire(self, limits: Sequence[Limit]) -> Decision:
+        if len(limits) == 1:
+            one = limits[0]
+            return await self.limiter.acquire(one.scope, rpm=one.rpm, tpm=one.tpm)
+        return await self.limiter.acquire_many(limits)
 
     def _window_limits(self, counters: Sequence[Any], request: RequestLimits) -> list[Limit] | None:
         """One `Limit` per scope of the script call; None when a limit is unknown."""
@@ -357,10 +371,7 @@ class TieredRateLimits:
 
         reservation = _Reservation(counters)
         if reservation.rpm is None and reservation.scope in request.charged:
-            # This request's window check already charged the scope one request and found it
-            # below its token limit; the core has no tokens-only charge, so add the estimate.
-            self.limiter.record(reservation.scope, tokens=reservation.tokens)
-            return _done(reservation.reply(Decision(True, None, 0.0, None, None), request))
+            return _done(self._reserve_charged(reservation, request))
 
         before = self._fallbacks()
         decision = self.limiter.try_acquire(
@@ -382,6 +393,15 @@ class TieredRateLimits:
             return reservation.reply(answer, request)
 
         return _Await(slow)
+
+    def _reserve_charged(self, reservation: _Reservation, request: RequestLimits) -> Any:
+        """A reservation on a scope this request's window check already charged a request.
+
+        The core has no tokens-only charge, so the estimate is added to the scope's count
+        without a check against its token limit (docs/litellm.md, known differences).
+        """
+        self.limiter.record(reservation.scope, tokens=reservation.tokens)
+        return reservation.reply(Decision(True, None, 0.0, None, None), request)
 
     async def _deferred_reservation(self, counters: Sequence[Any], request: RequestLimits) -> Any:
         """A reservation before the tier has started: start it, or let LiteLLM answer."""
@@ -456,8 +476,14 @@ class TieredRateLimits:
             self._native.increment_many_post_call(request, increments)
 
     def _record(self, increments: Sequence[Any]) -> list[float]:
+        request = REQUEST.get()
+        known = None if request is None else request.limits
         for item in increments:
-            self.limiter.record(_scope(item.counter), tokens=round(item.amount))
+            scope = _scope(item.counter)
+            # LiteLLM charges every scope of the request, limited or not; the tier tracks only
+            # the limited ones and would drop the rest.
+            if known is None or scope in known:
+                self.limiter.record(scope, tokens=round(item.amount))
         return [float(item.amount) for item in increments]
 
     # Everything else stays LiteLLM's
@@ -473,13 +499,17 @@ class TieredRateLimits:
         return self._native.get_local(entry)
 
     def set_local(self, entry: Any, value: Any, ttl_seconds: float | None) -> None:
-        # A scope the tier denied is mirrored only until its window ends, not a full window
-        # from now, so LiteLLM's local shortcut never outlives the tier's own verdict.
         request = REQUEST.get()
-        if request is not None and request.retry_after and ttl_seconds is not None:
+        if request is not None and not isinstance(entry, RateLimitGauge):
             scope = f"{entry.scope.descriptor_key}:{entry.scope.descriptor_value}"
+            if scope in request.charged:
+                # The tier admitted this scope and answers its next request itself; LiteLLM's
+                # mirror of the count would serve nothing and costs a native call per counter.
+                return
+            # A scope the tier denied is mirrored only until its window ends, not a full
+            # window from now, so LiteLLM's local shortcut never outlives the tier's verdict.
             left = request.retry_after.get(scope)
-            if left is not None and left > 0:
+            if left is not None and left > 0 and ttl_seconds is not None:
                 ttl_seconds = min(ttl_seconds, left)
         self._native.set_local(entry, value, ttl_seconds)
 
