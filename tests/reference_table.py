@@ -93,9 +93,9 @@ class ReferenceTable:
                 self._verdict(entry, rpm[i], tpm[i], tokens, now, window, proxies, offline)
             )
         for outcome in (DENIED, LOAD, EXACT):
-            for i, (v, retry) in enumerate(verdicts):
+            for i, (v, retry, left_r, left_t) in enumerate(verdicts):
                 if v == outcome:
-                    return (outcome, i, -1, -1, retry if outcome == DENIED else 0.0)
+                    return (outcome, i, left_r, left_t, retry if outcome == DENIED else 0.0)
 
         rem_r, rem_t = [], []
         for i, scope in enumerate(scopes):
@@ -106,7 +106,9 @@ class ReferenceTable:
             rec.pend_tok += tokens
             rec.used_req += 1
             rec.used_tok += tokens
-            rec.lim_req, rec.lim_tok, rec.last_tokens = rpm[i], tpm[i], tokens
+            rec.lim_req = rpm[i]
+            if tpm[i] or tokens:
+                rec.lim_tok, rec.last_tokens = tpm[i], tokens
             rec.touched = True
             if rpm[i]:
                 rem_r.append(rpm[i] - entry.g_req - rec.pend_req)
@@ -124,30 +126,35 @@ class ReferenceTable:
         window: int,
         proxies: int,
         offline: bool,
-    ) -> tuple[int, float]:
+    ) -> tuple[int, float, int, int]:
+        """(outcome, retry, left requests, left tokens); what is left only when over a limit."""
         if entry is None or now >= entry.window_start + window:
-            return LOAD, 0.0
+            return LOAD, 0.0, -1, -1
         rec = entry.record
         pend_r = rec.pend_req if rec else 0
         pend_t = rec.pend_tok if rec else 0
         retry = entry.window_start + window - now
-        if rpm and entry.g_req + pend_r + 1 > rpm:
-            return DENIED, retry
-        if tpm and entry.g_tok + pend_t + max(tokens, 1) > tpm:
-            return DENIED, retry
+        over_r = rpm and entry.g_req + pend_r + 1 > rpm
+        over_t = tpm and entry.g_tok + pend_t + max(tokens, 1) > tpm
+        if over_r or over_t:
+            left_r = max(0, rpm - entry.g_req - pend_r) if rpm else -1
+            left_t = max(0, tpm - entry.g_tok - pend_t) if tpm else -1
+            return DENIED, retry, left_r, left_t
         if offline:
             for limit, g, pend, cost in (
                 (rpm, entry.g_req, pend_r, 1),
                 (tpm, entry.g_tok, pend_t, tokens),
             ):
                 if limit and pend + cost > (limit - g) // proxies:
-                    return DENIED, retry
-            return ADMITTED, 0.0
+                    return DENIED, retry, -1, -1
+            return ADMITTED, 0.0, -1, -1
         if rec is None or not rec.fresh:
-            return (LOAD, 0.0) if rec is not None and rec.pend_req != 0 else (ADMITTED, 0.0)
+            if rec is not None and rec.pend_req != 0:
+                return LOAD, 0.0, -1, -1
+            return ADMITTED, 0.0, -1, -1
         if (rpm and pend_r + 1 > 0) or (tpm and pend_t + tokens > 0):
-            return EXACT, 0.0
-        return ADMITTED, 0.0
+            return EXACT, 0.0, -1, -1
+        return ADMITTED, 0.0, -1, -1
 
     def apply(
         self,

@@ -349,6 +349,36 @@ async def test_a_busy_scope_is_synced_when_its_lease_runs_low(
     assert counts(redis_url, KEY)[1:] == (60, 600.0)
 
 
+async def test_a_tokens_only_charge_checks_tpm_and_counts_no_request(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """A token reservation after a request's own check (LiteLLM's TPM reservation): tokens are
+    checked against tpm and charged, atomically in Redis when the lease does not cover them,
+    and no request is counted; a denial charges nothing."""
+    scope = "api_key:tokens-only"
+    answers = []
+    async with limiter(redis_url, clock) as lim:
+        for _ in range(5):
+            counted = await lim.acquire(scope, rpm=1000, tpm=100)
+            assert counted.allowed
+            answers.append(await lim.acquire(scope, tpm=100, tokens=30, requests=0))
+        assert lim.stats()["exact_checks"] >= 1, "some reservation went to Redis"
+    assert [d.allowed for d in answers] == [True, True, True, False, False]
+    assert answers[2].remaining_tokens == 10
+    assert answers[3].scope == scope
+    assert counts(redis_url, scope)[1:] == (5, 90.0)
+
+
+@pytest.mark.parametrize("requests", [2, -1, True, 1.0])
+async def test_requests_must_be_0_or_1(redis_url: str, clock: FakeClock, requests: object) -> None:
+    async with limiter(redis_url, clock) as lim:
+        with pytest.raises((InvalidArgumentError, InvalidTypeError), match="requests must be"):
+            lim.try_acquire(KEY, rpm=10, requests=requests)  # type: ignore[arg-type]
+        with pytest.raises((InvalidArgumentError, InvalidTypeError), match="requests must be"):
+            await lim.acquire_many([Limit(KEY, rpm=10)], requests=requests)  # type: ignore[arg-type]
+        assert lim.stats()["pending"] == 0, "nothing was charged"
+
+
 def test_redis_of_the_wrong_type_raises() -> None:
     with pytest.raises(InvalidTypeError, match="redis must be a URL"):
         TieredLimiter(42)  # type: ignore[arg-type]

@@ -271,9 +271,18 @@ class TieredLimiter:
     # The request path
 
     def try_acquire(
-        self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0
+        self,
+        scope: str,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        tokens: int = 0,
+        requests: int = 1,
     ) -> Decision | None:
         """Check and charge one request from local state alone, without awaiting.
+
+        `requests=0` charges the token estimate alone, checked against `tpm`: a token
+        reservation for a request that an earlier check already counted.
 
         Returns:
             The decision, or None where only Redis can answer: a scope not yet read from
@@ -284,51 +293,78 @@ class TieredLimiter:
         now = clock() if clock is not None else time.time() + self._offset
         try:
             decision: Decision | None = self._table.decide_one(
-                scope, rpm, tpm, tokens, now, self._window, self._proxies, self._backend is None
+                scope,
+                rpm,
+                tpm,
+                tokens,
+                now,
+                self._window,
+                self._proxies,
+                self._backend is None,
+                requests,
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             # Raise the limiter's own error for the argument, as the slow paths do.
-            _validate_one(scope, rpm, tpm, tokens)
+            _validate_one(scope, rpm, tpm, tokens, requests)
             raise
         if decision is None and (self._degraded or self._redis_slow()):
             r, t = _validate.limit(rpm, "rpm"), _validate.limit(tpm, "tpm")
-            return self._fallback([scope], [r], [t], tokens)
+            return self._fallback([scope], [r], [t], tokens, requests)
         return decision
 
     async def acquire(
-        self, scope: str, *, rpm: int | None = None, tpm: int | None = None, tokens: int = 0
+        self,
+        scope: str,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        tokens: int = 0,
+        requests: int = 1,
     ) -> Decision:
         """Check and charge one request: one scope, its limits and a token estimate.
 
         Waits on Redis only for a cold scope or the last stretch before a limit, and then at
         most `redis_timeout`.
         """
-        decision = self.try_acquire(scope, rpm=rpm, tpm=tpm, tokens=tokens)
+        decision = self.try_acquire(scope, rpm=rpm, tpm=tpm, tokens=tokens, requests=requests)
         if decision is not None:
             return decision
         return await self._acquire_slow(
-            [scope], [_validate.limit(rpm, "rpm")], [_validate.limit(tpm, "tpm")], tokens
+            [scope], [_validate.limit(rpm, "rpm")], [_validate.limit(tpm, "tpm")], tokens, requests
         )
 
-    def try_acquire_many(self, limits: Sequence[Limit], *, tokens: int = 0) -> Decision | None:
+    def try_acquire_many(
+        self, limits: Sequence[Limit], *, tokens: int = 0, requests: int = 1
+    ) -> Decision | None:
         """`try_acquire` over several scopes: all are charged or none."""
         scopes, rpms, tpms = _unpack(limits)
         n = _validate.tokens(tokens)
+        counted = _validate.requests(requests)
         result = self._table.check(
-            scopes, rpms, tpms, n, self._now(), self._window, self._proxies, offline=self._offline
+            scopes,
+            rpms,
+            tpms,
+            n,
+            self._now(),
+            self._window,
+            self._proxies,
+            offline=self._offline,
+            requests=counted,
         )
         if result[0] > _DENIED:
             slow = self._degraded or self._redis_slow()
-            return self._fallback(scopes, rpms, tpms, n) if slow else None
+            return self._fallback(scopes, rpms, tpms, n, counted) if slow else None
         return _decision(result, scopes)
 
-    async def acquire_many(self, limits: Sequence[Limit], *, tokens: int = 0) -> Decision:
+    async def acquire_many(
+        self, limits: Sequence[Limit], *, tokens: int = 0, requests: int = 1
+    ) -> Decision:
         """`acquire` over several scopes (key, user, team, model): all are charged or none."""
-        decision = self.try_acquire_many(limits, tokens=tokens)
+        decision = self.try_acquire_many(limits, tokens=tokens, requests=requests)
         if decision is not None:
             return decision
         scopes, rpms, tpms = _unpack(limits)
-        return await self._acquire_slow(scopes, rpms, tpms, tokens)
+        return await self._acquire_slow(scopes, rpms, tpms, tokens, requests)
 
     def record(self, scope: str, *, tokens: int) -> None:
         """Correct a scope's token charge after the call: actual minus estimate, signed."""
@@ -368,7 +404,7 @@ class TieredLimiter:
         return time.time() + self._offset
 
     async def _acquire_slow(
-        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int, requests: int
     ) -> Decision:
         """Answer a request that needs Redis: read cold scopes, then check exactly if needed.
 
@@ -378,12 +414,19 @@ class TieredLimiter:
         deadline = time.monotonic() + self._timeout
         for _ in range(_SLOW_ROUNDS):
             result = self._table.check(
-                scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies
+                scopes,
+                rpms,
+                tpms,
+                tokens,
+                self._now(),
+                self._window,
+                self._proxies,
+                requests=requests,
             )
             if result[0] <= _DENIED:
                 return _decision(result, scopes)
             if self._degraded or backend is None or self._redis_slow():
-                return self._fallback(scopes, rpms, tpms, tokens)
+                return self._fallback(scopes, rpms, tpms, tokens, requests)
             if result[0] != _LOAD:
                 in_flight = {self._exacting[s] for s in scopes if s in self._exacting}
                 if not in_flight:
@@ -393,7 +436,7 @@ class TieredLimiter:
                 left = deadline - time.monotonic()
                 done, _ = await asyncio.wait(in_flight, timeout=max(left, 0.0))
                 if len(done) < len(in_flight):
-                    return self._fallback(scopes, rpms, tpms, tokens)
+                    return self._fallback(scopes, rpms, tpms, tokens, requests)
                 continue
             try:
                 await self._load(backend, scopes, rpms, tpms, tokens, deadline)
@@ -404,8 +447,8 @@ class TieredLimiter:
                 break
 
         if backend is None or result[0] != _EXACT:
-            return self._fallback(scopes, rpms, tpms, tokens)
-        return await self._exact(backend, scopes, rpms, tpms, tokens, deadline)
+            return self._fallback(scopes, rpms, tpms, tokens, requests)
+        return await self._exact(backend, scopes, rpms, tpms, tokens, requests, deadline)
 
     async def _load(
         self,
@@ -455,6 +498,7 @@ class TieredLimiter:
         rpms: list[int],
         tpms: list[int],
         tokens: int,
+        requests: int,
         deadline: float,
     ) -> Decision:
         """Check and charge atomically in Redis, pushing these scopes' pending deltas first.
@@ -468,24 +512,40 @@ class TieredLimiter:
         claimed = [s for s in dict.fromkeys(scopes) if s not in self._exacting]
         for s in claimed:
             self._exacting[s] = mine
-        taken = [self._table.take(s) for s in scopes]
+        taken = [self._take_for_check(s, r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)]
         calls = [
             Call(s, r, t, *_lease_wanted(r, t, tokens), *(d if d is not None else (0, 0, 0)))
             for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
         ]
         started = time.time()
         try:
-            reply = await _within(backend.acquire(calls, tokens), deadline - time.monotonic())
+            reply = await _within(
+                backend.acquire(calls, tokens, requests), deadline - time.monotonic()
+            )
         except _Errors as exc:
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
             self._redis_failed(exc)
-            return self._fallback(scopes, rpms, tpms, tokens)
+            return self._fallback(scopes, rpms, tpms, tokens, requests)
         finally:
             for s in claimed:
                 self._exacting.pop(s, None)
             mine.set_result(None)
 
-        return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, started)
+        return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, requests, started)
+
+    def _take_for_check(self, scope: str, rpm: int, tpm: int) -> tuple[int, int, int] | None:
+        """Take a scope's pending delta for an exact check, except the lease of a kind the
+        check has no limit for: the script could not renew it (LiteLLM checks a request against
+        rpm and its tokens against tpm in two steps, and each must keep the other's lease)."""
+        taken = self._table.take(scope)
+        if taken is None:
+            return None
+        window_start, requests, tokens = taken
+        keep_r = requests if not rpm and requests < 0 else 0
+        keep_t = tokens if not tpm and tokens < 0 else 0
+        if keep_r or keep_t:
+            self._table.restore(scope, window_start, keep_r, keep_t, self._now(), self._window)
+        return window_start, requests - keep_r, tokens - keep_t
 
     def _exact_reply(
         self,
@@ -495,6 +555,7 @@ class TieredLimiter:
         rpms: list[int],
         tpms: list[int],
         tokens: int,
+        requests: int,
         started: float,
     ) -> Decision:
         self._counts["exact_checks"] += 1
@@ -509,18 +570,26 @@ class TieredLimiter:
                 ]
             )
             self._scopes_failed(len(reply.failed))
-            return self._fallback(scopes, rpms, tpms, tokens)
+            return self._fallback(scopes, rpms, tpms, tokens, requests)
         return _exact_decision(reply, scopes, rpms, tpms, self._window)
 
     def _fallback(
-        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int, requests: int
     ) -> Decision:
         """Answer by the outage policy while Redis is unreachable."""
         self._counts["fallback_decisions"] += 1
         if self._policy == "deny":
             return Decision(False, None, self._interval, scope=scopes[0])
         result = self._table.check(
-            scopes, rpms, tpms, tokens, self._now(), self._window, self._proxies, offline=True
+            scopes,
+            rpms,
+            tpms,
+            tokens,
+            self._now(),
+            self._window,
+            self._proxies,
+            offline=True,
+            requests=requests,
         )
         if self._policy == "allow" and result[0] != _ADMITTED:
             # Admitted past this proxy's share, uncounted; what fit in it was charged above and
@@ -753,12 +822,15 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         logger.error("the tiered_limiter sync task died", exc_info=exc)
 
 
-def _validate_one(scope: object, rpm: object, tpm: object, tokens: object) -> None:
+def _validate_one(
+    scope: object, rpm: object, tpm: object, tokens: object, requests: object
+) -> None:
     """Raise the limiter's own error for the first unusable argument of a one-scope check."""
     _validate.scope(scope)
     _validate.limit(rpm, "rpm")
     _validate.limit(tpm, "tpm")
     _validate.tokens(tokens)
+    _validate.requests(requests)
 
 
 def _unpack(limits: Sequence[Limit]) -> tuple[list[str], list[int], list[int]]:

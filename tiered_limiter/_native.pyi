@@ -60,6 +60,7 @@ class Table:
         proxies: int,
         *,
         offline: bool = False,
+        requests: int = 1,
     ) -> tuple[int, int, int, int, float]:
         """Check one request against every scope and, if all admit it, charge every scope.
 
@@ -81,6 +82,9 @@ class Table:
                 proxy's share of what remained is `DENIED` until the window ends. A scope that
                 cannot be tracked (the table is full of unsynced scopes) is `DENIED` with
                 `retry_after` 1.0.
+            requests: 1 to count the request, 0 to charge its tokens alone (a token
+                reservation for a request already counted): no request limit is checked
+                beyond the count already reached, and a stale scope goes to Redis.
 
         Returns:
             `(outcome, index, remaining_requests, remaining_tokens, retry_after)`: `index` is the
@@ -101,6 +105,7 @@ class Table:
         proxies: int,
         *,
         offline: bool = False,
+        requests: int = 1,
     ) -> tuple[int, int, int, int, float]:
         """`check` for a single scope, without building sequences."""
 
@@ -114,6 +119,7 @@ class Table:
         window: int,
         proxies: int,
         offline: bool,
+        requests: int | None = None,
         /,
     ) -> Any:
         """`check_one` for `TieredLimiter.try_acquire`'s hot path, in one call.

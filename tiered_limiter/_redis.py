@@ -156,10 +156,12 @@ class RedisBackend:
         return groups
 
     def _args(
-        self, calls: Sequence[Call], *, check: bool, tokens: int
+        self, calls: Sequence[Call], *, check: bool, tokens: int, requests: int = 1
     ) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [self._window, self._now_arg(), 1 if check else 0, tokens, self.proxies]
+        # The script's mode: 0 sync, 1 check counting one request, 2 check of tokens alone.
+        mode = (1 if requests else 2) if check else 0
+        args: list[Any] = [self._window, self._now_arg(), mode, tokens, self.proxies]
         for call in calls:
             keys.extend(self.keys(call.scope))
             args.extend(
@@ -278,8 +280,9 @@ class RedisBackend:
         )
         return [self._parse(group, raw) for group, raw in zip(groups, results, strict=True)]
 
-    async def acquire(self, calls: Sequence[Call], tokens: int) -> Reply:
-        """Check and charge one request atomically against every scope in `calls`.
+    async def acquire(self, calls: Sequence[Call], tokens: int, requests: int = 1) -> Reply:
+        """Check and charge one request atomically against every scope in `calls`; with
+        `requests=0`, its tokens alone.
 
         On a Cluster, scopes in different slots cannot share one script: each slot is checked
         in turn and the slots already charged are refunded when a later one denies.
@@ -287,10 +290,11 @@ class RedisBackend:
         groups = self._groups(calls, len(calls)) if self.cluster else [list(calls)]
         charged: list[Reply] = []
         for group in groups:
-            (raw,) = await self._run([("limiter", *self._args(group, check=True, tokens=tokens))])
+            args = self._args(group, check=True, tokens=tokens, requests=requests)
+            (raw,) = await self._run([("limiter", *args)])
             reply = self._parse(group, raw)
             if not reply.allowed:
-                await self._refund(charged, tokens)
+                await self._refund(charged, tokens, requests)
                 offset = sum(len(r.totals) for r in charged)
                 index = offset + reply.denied_index if reply.denied_index >= 0 else -1
                 return Reply(False, index, reply.redis_now, reply.totals, reply.failed)
@@ -299,12 +303,12 @@ class RedisBackend:
         totals = [t for reply in charged for t in reply.totals]
         return Reply(True, -1, charged[-1].redis_now, totals)
 
-    async def _refund(self, charged: list[Reply], tokens: int) -> None:
+    async def _refund(self, charged: list[Reply], tokens: int, requests: int) -> None:
         refunds = [
             Call(
                 t.scope,
                 window_start=t.window_start,
-                requests=-1 - t.lease_requests,
+                requests=-requests - t.lease_requests,
                 tokens=-tokens - t.lease_tokens,
             )
             for reply in charged

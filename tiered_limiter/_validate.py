@@ -59,6 +59,15 @@ def tokens(value: object, name: str = "tokens", *, signed: bool = False) -> int:
     return value
 
 
+def requests(value: object) -> int:
+    """Return the requests a check counts: 1, or 0 to charge tokens only."""
+    if type(value) is not int:
+        raise InvalidTypeError(f"requests must be an int, got {type(value).__name__} {value!r}")
+    if value not in (0, 1):
+        raise InvalidArgumentError(f"requests must be 0 or 1, got {value}")
+    return value
+
+
 def positive_seconds(value: object, name: str) -> float:
     """Return a finite, positive number of seconds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

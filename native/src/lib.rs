@@ -321,7 +321,7 @@ impl PyTable {
         })
     }
 
-    #[pyo3(signature = (scopes, rpm, tpm, tokens, now, window, proxies, *, offline = false))]
+    #[pyo3(signature = (scopes, rpm, tpm, tokens, now, window, proxies, *, offline = false, requests = 1))]
     #[allow(clippy::too_many_arguments)]
     fn check(
         &self,
@@ -333,6 +333,7 @@ impl PyTable {
         window: &Bound<'_, PyAny>,
         proxies: &Bound<'_, PyAny>,
         offline: bool,
+        requests: u32,
     ) -> PyResult<CheckResult> {
         guarded("check", || {
             let names = seq_arg(scopes, "scopes")?;
@@ -348,7 +349,7 @@ impl PyTable {
                 }
             }
 
-            let req = request(tokens, now, window, proxies, offline)?;
+            let req = request(requests, tokens, now, window, proxies, offline)?;
             let mut backed: SmallVec<[(PyBackedStr, u32, u32); 8]> = SmallVec::new();
             for i in 0..n {
                 // Argument names for errors are only formatted when an item is bad.
@@ -376,7 +377,7 @@ impl PyTable {
         })
     }
 
-    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, *, offline = false))]
+    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, *, offline = false, requests = 1))]
     #[allow(clippy::too_many_arguments)]
     fn check_one(
         &self,
@@ -388,6 +389,7 @@ impl PyTable {
         window: &Bound<'_, PyAny>,
         proxies: &Bound<'_, PyAny>,
         offline: bool,
+        requests: u32,
     ) -> PyResult<CheckResult> {
         guarded("check_one", || {
             let name = str_arg(scope, "scope")?;
@@ -396,14 +398,14 @@ impl PyTable {
                 rpm: u32_arg(rpm, "rpm")?,
                 tpm: u32_arg(tpm, "tpm")?,
             };
-            let req = request(tokens, now, window, proxies, offline)?;
+            let req = request(requests, tokens, now, window, proxies, offline)?;
             Ok(decision_tuple(&self.inner.check(&[limit], &req)))
         })
     }
 
     /// `check_one` for `TieredLimiter.try_acquire`: positional arguments validated as the
     /// limiter validates them, None for no limit, and the result as a `Decision`'s fields.
-    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, offline, /))]
+    #[pyo3(signature = (scope, rpm, tpm, tokens, now, window, proxies, offline, requests = None, /))]
     #[allow(clippy::too_many_arguments)]
     fn decide_one<'py>(
         &self,
@@ -415,6 +417,7 @@ impl PyTable {
         window: &Bound<'_, PyAny>,
         proxies: &Bound<'_, PyAny>,
         offline: bool,
+        requests: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
         guarded("decide_one", || {
             let name = scope_arg(scope)?;
@@ -426,7 +429,12 @@ impl PyTable {
             if !tokens.is_exact_instance_of::<PyInt>() {
                 return Err(type_error(tokens, "tokens", "an int"));
             }
-            let req = request(tokens, now, window, proxies, offline)?;
+            let requests = match requests {
+                None => 1,
+                Some(v) if v.is_exact_instance_of::<PyInt>() => u32_arg(v, "requests")?,
+                Some(v) => return Err(type_error(v, "requests", "an int")),
+            };
+            let req = request(requests, tokens, now, window, proxies, offline)?;
             let d = self.inner.check(&[limit], &req);
             let known = |v: i64| (v >= 0).then_some(v);
             let fields: DecisionFields<'py> = match d.outcome {
@@ -437,7 +445,13 @@ impl PyTable {
                     known(d.remaining_tokens),
                     None,
                 ),
-                Outcome::Denied => (false, None, d.retry_after, None, Some(scope.clone())),
+                Outcome::Denied => (
+                    false,
+                    known(d.remaining_requests),
+                    d.retry_after,
+                    known(d.remaining_tokens),
+                    Some(scope.clone()),
+                ),
                 Outcome::Load | Outcome::Exact => return Ok(None),
             };
             let py = scope.py();
@@ -608,6 +622,7 @@ impl PyTable {
 }
 
 fn request(
+    requests: u32,
     tokens: &Bound<'_, PyAny>,
     now: &Bound<'_, PyAny>,
     window: &Bound<'_, PyAny>,
@@ -621,7 +636,13 @@ fn request(
         i64::from(u32::MAX),
         "a whole number of 1 or more",
     )?;
+    if requests > 1 {
+        return Err(PyValueError::new_err(format!(
+            "requests must be 0 or 1, got {requests}"
+        )));
+    }
     Ok(Request {
+        requests,
         tokens: u32_arg(tokens, "tokens")?,
         now: now_arg(now)?,
         window: window_arg(window)?,

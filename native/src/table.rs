@@ -108,6 +108,9 @@ pub struct ScopeLimit<'a> {
 /// The arguments of a check shared by all its scopes.
 #[derive(Clone, Copy, Debug)]
 pub struct Request {
+    /// Requests charged to every scope: 1, or 0 to charge tokens only (a token reservation
+    /// for a request already counted).
+    pub requests: u32,
     /// Token estimate charged to every scope.
     pub tokens: u32,
     /// Seconds on Redis's clock; finite, 0 or more.
@@ -597,7 +600,9 @@ struct Padded(RwLock<Shard>);
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Verdict {
     Ok,
-    Denied(f64),
+    /// Seconds until the window ends, and what remains of each limit (-1 where none, or
+    /// where the denial is not about the limit itself).
+    Denied(f64, i64, i64),
     Load,
     Exact,
 }
@@ -606,7 +611,7 @@ impl Verdict {
     /// Lower ranks win when several scopes decline.
     fn rank(self) -> u8 {
         match self {
-            Verdict::Denied(_) => 0,
+            Verdict::Denied(..) => 0,
             Verdict::Load => 1,
             Verdict::Exact => 2,
             Verdict::Ok => 3,
@@ -615,7 +620,11 @@ impl Verdict {
 
     fn decision(self, index: usize) -> Decision {
         match self {
-            Verdict::Denied(retry) => Decision::not_admitted(Outcome::Denied, index, retry),
+            Verdict::Denied(retry, left_req, left_tok) => Decision {
+                remaining_requests: left_req,
+                remaining_tokens: left_tok,
+                ..Decision::not_admitted(Outcome::Denied, index, retry)
+            },
             Verdict::Load => Decision::not_admitted(Outcome::Load, index, 0.0),
             Verdict::Exact => Decision::not_admitted(Outcome::Exact, index, 0.0),
             Verdict::Ok => Decision {
@@ -713,6 +722,7 @@ fn judge(
 ) -> Verdict {
     let lr = i64::from(lim.rpm);
     let lt = i64::from(lim.tpm);
+    let r = i64::from(req.requests);
     let t = i64::from(req.tokens);
     let ct = t.max(1);
     let proxies = i64::from(req.proxies.max(1));
@@ -720,28 +730,40 @@ fn judge(
     let g_tok = i64::from(entry.g_tok);
     let retry = f64::from(entry.window_start) + f64::from(req.window) - req.now;
 
-    let over_req = lr > 0 && g_req.saturating_add(pend_req).saturating_add(1) > lr;
+    let over_req = lr > 0 && g_req.saturating_add(pend_req).saturating_add(r) > lr;
     let over_tok = lt > 0 && g_tok.saturating_add(pend_tok).saturating_add(ct) > lt;
     if over_req || over_tok {
-        return Verdict::Denied(retry);
+        let left = |limit: i64, used: i64| {
+            if limit > 0 {
+                limit.saturating_sub(used).max(0)
+            } else {
+                -1
+            }
+        };
+        return Verdict::Denied(
+            retry,
+            left(lr, g_req.saturating_add(pend_req)),
+            left(lt, g_tok.saturating_add(pend_tok)),
+        );
     }
 
     let share_req = (lr - g_req).div_euclid(proxies);
     let share_tok = (lt - g_tok).div_euclid(proxies);
-    let spent_req = lr > 0 && pend_req.saturating_add(1) > share_req;
+    let spent_req = lr > 0 && pend_req.saturating_add(r) > share_req;
     let spent_tok = lt > 0 && pend_tok.saturating_add(t) > share_tok;
     if req.offline {
         return if spent_req || spent_tok {
-            Verdict::Denied(retry)
+            Verdict::Denied(retry, -1, -1)
         } else {
             Verdict::Ok
         };
     }
 
     // A scope idle long enough to have lost its record gets one charge on trust, which the
-    // next sync pushes; a second one waits for Redis.
-    if record.is_none_or(|r| !r.fresh) {
-        return if record.is_some() && pend_req != 0 {
+    // next sync pushes; a second one waits for Redis. A tokens-only charge gets none: it
+    // follows a request's own charge, which took the trust.
+    if record.is_none_or(|rec| !rec.fresh) {
+        return if r == 0 || record.is_some() && pend_req != 0 {
             Verdict::Load
         } else {
             Verdict::Ok
@@ -750,7 +772,7 @@ fn judge(
 
     // A fresh scope admits only within its lease: a negative pending delta is capacity that
     // Redis already counts as this proxy's, so spending it cannot overshoot the fleet.
-    let leased_req = lr == 0 || pend_req.saturating_add(1) <= 0;
+    let leased_req = lr == 0 || pend_req.saturating_add(r) <= 0;
     let leased_tok = lt == 0 || pend_tok.saturating_add(t) <= 0;
     if leased_req && leased_tok {
         Verdict::Ok
@@ -791,6 +813,7 @@ fn charge(
 ) -> Result<(i64, i64), Verdict> {
     let entry = &shard.entries[ei];
     let record = &shard.records[ri];
+    let r = i64::from(req.requests);
     let t = i64::from(req.tokens);
 
     let mut pr = record.pend_req.load(Relaxed);
@@ -803,7 +826,7 @@ fn charge(
 
         match record
             .pend_req
-            .compare_exchange_weak(pr, pr.saturating_add(1), Relaxed, Relaxed)
+            .compare_exchange_weak(pr, pr.saturating_add(r), Relaxed, Relaxed)
         {
             Ok(_) => break,
             Err(now) => pr = now,
@@ -814,7 +837,7 @@ fn charge(
     loop {
         let verdict = judge(entry, Some(record), lim, req, pr, pt);
         if verdict != Verdict::Ok {
-            add_saturating(&record.pend_req, -1);
+            add_saturating(&record.pend_req, -r);
             return Err(verdict);
         }
 
@@ -827,13 +850,20 @@ fn charge(
         }
     }
     record.touched.store(true, Relaxed);
-    add_saturating(&record.used_req, 1);
+    add_saturating(&record.used_req, r);
     add_saturating(&record.used_tok, t);
-    record.lim_req.store(lim.rpm, Relaxed);
-    record.lim_tok.store(lim.tpm, Relaxed);
-    record.last_tokens.store(req.tokens, Relaxed);
+    // Each kind's limit and estimate size its next lease; a check that charges a kind sets
+    // them, so that a request's two steps in LiteLLM (its request against rpm, then its tokens
+    // alone against tpm) do not clear each other's.
+    if r > 0 {
+        record.lim_req.store(lim.rpm, Relaxed);
+    }
+    if lim.tpm > 0 || t > 0 {
+        record.lim_tok.store(lim.tpm, Relaxed);
+        record.last_tokens.store(req.tokens, Relaxed);
+    }
 
-    let seen_req = i64::from(entry.g_req).saturating_add(pr).saturating_add(1);
+    let seen_req = i64::from(entry.g_req).saturating_add(pr).saturating_add(r);
     let seen_tok = i64::from(entry.g_tok).saturating_add(pt).saturating_add(t);
     let left_req = i64::from(lim.rpm).saturating_sub(seen_req);
     let left_tok = i64::from(lim.tpm).saturating_sub(seen_tok);
@@ -1040,10 +1070,10 @@ impl Table {
         let mut worst: Option<(usize, Verdict)> = None;
         for (i, (h, lim)) in hashed.iter().zip(scopes).enumerate() {
             let verdict = if rejected[i] {
-                Verdict::Denied(1.0)
+                Verdict::Denied(1.0, -1, -1)
             } else {
                 match look(&guards[at[i]], self.geo, h, lim, req) {
-                    Found::Missing | Found::Ended if req.offline => Verdict::Denied(1.0),
+                    Found::Missing | Found::Ended if req.offline => Verdict::Denied(1.0, -1, -1),
                     Found::Missing | Found::Ended => Verdict::Load,
                     Found::Open { verdict, .. } => verdict,
                 }
@@ -1138,9 +1168,9 @@ impl Table {
         if let Some((i, verdict)) = failure {
             for &(s, ri, _) in &done {
                 let record = &view[s].records[ri];
-                add_saturating(&record.pend_req, -1);
+                add_saturating(&record.pend_req, -i64::from(req.requests));
                 add_saturating(&record.pend_tok, -i64::from(req.tokens));
-                add_saturating(&record.used_req, -1);
+                add_saturating(&record.used_req, -i64::from(req.requests));
                 add_saturating(&record.used_tok, -i64::from(req.tokens));
             }
             return verdict.decision(i);

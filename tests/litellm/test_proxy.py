@@ -112,11 +112,6 @@ def test_denies_when_token_limit_is_spent(start_proxy: StartProxy, keys: Keys) -
     assert statuses in ([429, 429], [200, 429]), statuses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a scope with rpm and tpm is checked against its token limit only after the call: "
-    "the core has no tokens-only charge for the TPM reservation (docs/litellm.md)",
-)
 def test_token_reservation_denies_as_litellms_own_limiter_does(
     start_proxy: StartProxy, keys: Keys
 ) -> None:

@@ -370,12 +370,17 @@ class TieredRateLimits:
             return _Await(lambda: self._deferred_reservation(counters, request))
 
         reservation = _Reservation(counters)
-        if reservation.rpm is None and reservation.scope in request.charged:
-            return _done(self._reserve_charged(reservation, request))
+        # A reservation of tokens alone (the window check counts the request where the scope
+        # has an rpm limit; LiteLLM counts none where it has not) checks and charges tokens only.
+        requests = 0 if reservation.rpm is None else 1
 
         before = self._fallbacks()
         decision = self.limiter.try_acquire(
-            reservation.scope, rpm=reservation.rpm, tpm=reservation.tpm, tokens=reservation.tokens
+            reservation.scope,
+            rpm=reservation.rpm,
+            tpm=reservation.tpm,
+            tokens=reservation.tokens,
+            requests=requests,
         )
         if decision is not None:
             if self._unverified(before):
@@ -388,20 +393,12 @@ class TieredRateLimits:
                 rpm=reservation.rpm,
                 tpm=reservation.tpm,
                 tokens=reservation.tokens,
+                requests=requests,
             )
             self._verified(before)
             return reservation.reply(answer, request)
 
         return _Await(slow)
-
-    def _reserve_charged(self, reservation: _Reservation, request: RequestLimits) -> Any:
-        """A reservation on a scope this request's window check already charged a request.
-
-        The core has no tokens-only charge, so the estimate is added to the scope's count
-        without a check against its token limit (docs/litellm.md, known differences).
-        """
-        self.limiter.record(reservation.scope, tokens=reservation.tokens)
-        return reservation.reply(Decision(True, None, 0.0, None, None), request)
 
     async def _deferred_reservation(self, counters: Sequence[Any], request: RequestLimits) -> Any:
         """A reservation before the tier has started: start it, or let LiteLLM answer."""

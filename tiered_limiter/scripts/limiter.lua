@@ -6,7 +6,8 @@
 -- and `{scope}:tokens`. A window is fixed: it opens with the first charge after the previous
 -- one ended and lasts `window` seconds; opening one deletes the scope's counters.
 --
--- ARGV: window, now ('' means Redis TIME), check (1 = all-or-nothing check, 0 = sync), tokens,
+-- ARGV: window, now ('' means Redis TIME), mode (0 = sync, 1 = all-or-nothing check of one
+-- request and its tokens, 2 = the same check of tokens alone, no request counted), tokens,
 -- proxies, then 7 per scope: rpm, tpm (0 = no limit), the lease wanted (requests, tokens),
 -- and this process's pending delta (delta_window_start, requests, tokens).
 --
@@ -37,7 +38,8 @@
 -- then per scope: window_start, requests, tokens (totals after every charge and lease),
 -- lease_requests, lease_tokens, restored (1 when the delta's window was restored)}.
 local window = tonumber(ARGV[1])
-local check = ARGV[3] == '1'
+local check = ARGV[3] ~= '0'
+local one = ARGV[3] == '1' and 1 or 0
 local cost = tonumber(ARGV[4])
 local proxies = math.max(1, tonumber(ARGV[5]))
 local now_s, now_us
@@ -146,7 +148,7 @@ if check and failed == 0 then
     local base = 5 + 7 * (i - 1)
     local rpm, tpm = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
     local r, t = reqs[i] + add_r[i], toks[i] + add_t[i]
-    if (rpm > 0 and r + 1 > rpm) or (tpm > 0 and t + tcheck > tpm) then
+    if (rpm > 0 and r + one > rpm) or (tpm > 0 and t + tcheck > tpm) then
       denied = i
       break
     end
@@ -157,7 +159,7 @@ local allowed = 0
 if check and denied == 0 and failed == 0 then
   allowed = 1
   for i = 1, n do
-    add_r[i] = add_r[i] + 1
+    add_r[i] = add_r[i] + one
     add_t[i] = add_t[i] + cost
   end
 end

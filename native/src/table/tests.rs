@@ -18,6 +18,7 @@ fn table() -> Table {
 
 fn request(tokens: u32, now: f64) -> Request {
     Request {
+        requests: 1,
         tokens,
         now,
         window: W,
@@ -121,7 +122,11 @@ fn denies_when_known_total_reaches_limit() {
     let t = table();
     assert!(apply(&t, "user:u", 100, 10, 0, 100.0));
     let d = one(&t, "user:u", 10, 0, &request(0, 130.5));
-    assert_eq!(d, Decision::not_admitted(Outcome::Denied, 0, 29.5));
+    let denied = Decision {
+        remaining_requests: 0,
+        ..Decision::not_admitted(Outcome::Denied, 0, 29.5)
+    };
+    assert_eq!(d, denied);
 }
 
 #[test]
@@ -175,6 +180,7 @@ fn admits_locally_only_within_the_lease() {
     let t = table();
     // Online, the number of proxies plays no part: the lease is what this proxy may spend.
     let req = |tokens| Request {
+        requests: 1,
         proxies: 3,
         ..request(tokens, 100.0)
     };
@@ -310,7 +316,10 @@ fn denied_beats_load_beats_exact_and_the_first_scope_decides() {
     let req = request(0, 100.0);
     assert_eq!(
         t.check(&[unleased, unknown, over("b"), over("c")], &req),
-        Decision::not_admitted(Outcome::Denied, 2, 60.0)
+        Decision {
+            remaining_requests: 0,
+            ..Decision::not_admitted(Outcome::Denied, 2, 60.0)
+        }
     );
     assert_eq!(
         t.check(&[unleased, unknown], &req),
@@ -508,6 +517,54 @@ fn a_paced_lease_beyond_two_drains_is_capped_at_a_sixteenth_of_the_limit() {
 }
 
 #[test]
+fn a_tokens_only_charge_checks_the_token_limit_and_counts_no_request() {
+    let t = table();
+    assert!(lease(&t, "k", 100, (5, 40), 100.0));
+    let tokens_only = |tokens| Request {
+        requests: 0,
+        ..request(tokens, 100.0)
+    };
+    // rpm 5 is already fully leased: a request would be the 6th, a tokens-only charge is not.
+    assert_eq!(
+        one(&t, "k", 5, 100, &request(0, 100.0)).outcome,
+        Outcome::Admitted
+    );
+    let d = one(&t, "k", 5, 100, &tokens_only(30));
+    assert_eq!(d.outcome, Outcome::Admitted);
+    assert_eq!(t.take("k"), Some((100, -4, -10)));
+    // The lease spent, a tokens-only charge that fits the limit goes to Redis...
+    assert!(t.restore("k", 100, -4, -10, 100.0, W));
+    assert_eq!(
+        one(&t, "k", 5, 100, &tokens_only(20)).outcome,
+        Outcome::Exact
+    );
+    // ...and one past the limit (30 spent of 100, the lease counted as spent) is denied.
+    assert_eq!(
+        one(&t, "k", 5, 100, &tokens_only(71)).outcome,
+        Outcome::Denied
+    );
+    assert_eq!(t.take("k"), Some((100, -4, -10)));
+}
+
+#[test]
+fn a_tokens_only_charge_on_a_stale_scope_waits_for_redis() {
+    let t = table();
+    assert!(apply(&t, "k", 100, 0, 0, 100.0));
+    assert!(t.drain(100.0, W, 1, 1).is_empty());
+    assert!(t.drain(100.0, W, 1, 1).is_empty());
+    assert_eq!(t.stats().active, 0);
+    let tokens_only = Request {
+        requests: 0,
+        ..request(10, 100.0)
+    };
+    assert_eq!(one(&t, "k", 0, 100, &tokens_only).outcome, Outcome::Load);
+    assert_eq!(
+        one(&t, "k", 0, 100, &request(10, 100.0)).outcome,
+        Outcome::Admitted
+    );
+}
+
+#[test]
 fn idle_scope_releases_its_lease_then_goes_stale() {
     let t = table();
     assert!(lease(&t, "u", 100, (5, 0), 100.0));
@@ -558,6 +615,7 @@ fn drain_drops_records_whose_window_ended() {
 fn offline_starts_a_local_window_and_never_loads() {
     let t = table();
     let req = Request {
+        requests: 1,
         offline: true,
         proxies: 2,
         ..request(0, 100.7)
@@ -582,6 +640,7 @@ fn offline_ignores_staleness_and_the_lease() {
     drain(&t, 100.0);
     assert!(apply(&t, "team:t", 100, 10, 0, 100.0));
     let req = Request {
+        requests: 1,
         offline: true,
         ..request(0, 100.0)
     };
@@ -600,6 +659,7 @@ fn offline_denies_a_scope_it_cannot_track() {
     // A correction not yet pushed: "a" may not be evicted.
     assert!(t.record("a", 5, 100.0, W));
     let req = Request {
+        requests: 1,
         offline: true,
         ..request(0, 100.0)
     };
@@ -623,6 +683,7 @@ fn apply_of_a_newer_window_drops_pending_of_an_ended_window() {
 fn apply_of_another_open_window_keeps_pending_of_an_open_window() {
     let t = table();
     let offline = Request {
+        requests: 1,
         offline: true,
         ..request(0, 100.0)
     };
@@ -797,6 +858,7 @@ fn extreme_values_saturate_instead_of_panicking() {
     assert!(t.record("u", i64::MAX, max, 1));
     assert!(t.restore("u", u32::MAX, i64::MAX, i64::MIN, max, 1));
     let req = Request {
+        requests: 1,
         tokens: u32::MAX,
         now: max,
         window: u32::MAX,
@@ -811,6 +873,7 @@ fn extreme_values_saturate_instead_of_panicking() {
             rpm,
             tpm,
             &Request {
+                requests: 1,
                 offline: true,
                 ..req
             },
@@ -976,7 +1039,8 @@ type RefDelta = (String, u32, i64, i64, u32, u32, u32, u32);
 
 impl Model {
     /// Ranks: 0 denied, 1 load, 2 exact, 3 admitted.
-    fn verdict(st: &RefState, rpm: u32, tpm: u32, req: &Request) -> (u8, f64) {
+    /// `(rank, retry, left_requests, left_tokens)`; what is left only for an over-limit denial.
+    fn verdict(st: &RefState, rpm: u32, tpm: u32, req: &Request) -> (u8, f64, i64, i64) {
         let (pr, pt) = st
             .rec
             .as_ref()
@@ -987,18 +1051,25 @@ impl Model {
         let p = i128::from(req.proxies);
         let retry = f64::from(st.ws) + f64::from(req.window) - req.now;
         if (lr > 0 && gr + pr + 1 > lr) || (lt > 0 && gt + pt + t.max(1) > lt) {
-            return (0, retry);
+            let left = |l: i128, used: i128| if l > 0 { (l - used).max(0) as i64 } else { -1 };
+            return (0, retry, left(lr, gr + pr), left(lt, gt + pt));
         }
         if req.offline {
             let spent = (lr > 0 && pr + 1 > (lr - gr).div_euclid(p))
                 || (lt > 0 && pt + t > (lt - gt).div_euclid(p));
-            return if spent { (0, retry) } else { (3, 0.0) };
+            return if spent {
+                (0, retry, -1, -1)
+            } else {
+                (3, 0.0, -1, -1)
+            };
         }
         match &st.rec {
-            Some(r) if r.fresh && ((lr > 0 && pr + 1 > 0) || (lt > 0 && pt + t > 0)) => (2, 0.0),
-            Some(r) if r.fresh => (3, 0.0),
-            Some(_) if pr != 0 => (1, 0.0),
-            _ => (3, 0.0),
+            Some(r) if r.fresh && ((lr > 0 && pr + 1 > 0) || (lt > 0 && pt + t > 0)) => {
+                (2, 0.0, -1, -1)
+            }
+            Some(r) if r.fresh => (3, 0.0, -1, -1),
+            Some(_) if pr != 0 => (1, 0.0, -1, -1),
+            _ => (3, 0.0, -1, -1),
         }
     }
 
@@ -1025,20 +1096,26 @@ impl Model {
             }
         }
 
-        let mut worst: Option<(usize, u8, f64)> = None;
+        let mut worst: Option<(usize, (u8, f64, i64, i64))> = None;
         for (i, (name, rpm, tpm)) in scopes.iter().enumerate() {
-            let (rank, retry) = match self.scopes.get(name) {
+            let v = match self.scopes.get(name) {
                 Some(st) if st.open(req.now, req.window) => Self::verdict(st, *rpm, *tpm, req),
-                _ => (1, 0.0),
+                _ => (1, 0.0, -1, -1),
             };
-            if worst.is_none_or(|(_, r, _)| rank < r) {
-                worst = Some((i, rank, retry));
+            if worst.is_none_or(|(_, w)| v.0 < w.0) {
+                worst = Some((i, v));
             }
         }
         match worst {
-            Some((i, 0, retry)) => return Decision::not_admitted(Outcome::Denied, i, retry),
-            Some((i, 1, _)) => return Decision::not_admitted(Outcome::Load, i, 0.0),
-            Some((i, 2, _)) => return Decision::not_admitted(Outcome::Exact, i, 0.0),
+            Some((i, (0, retry, left_req, left_tok))) => {
+                return Decision {
+                    remaining_requests: left_req,
+                    remaining_tokens: left_tok,
+                    ..Decision::not_admitted(Outcome::Denied, i, retry)
+                };
+            }
+            Some((i, (1, ..))) => return Decision::not_admitted(Outcome::Load, i, 0.0),
+            Some((i, (2, ..))) => return Decision::not_admitted(Outcome::Exact, i, 0.0),
             _ => {}
         }
 
@@ -1050,7 +1127,10 @@ impl Model {
             rec.pend_tok += i64::from(req.tokens);
             rec.used_req += 1;
             rec.used_tok += i64::from(req.tokens);
-            (rec.lim_req, rec.lim_tok, rec.last_tokens) = (*rpm, *tpm, req.tokens);
+            rec.lim_req = *rpm;
+            if *tpm > 0 || req.tokens > 0 {
+                (rec.lim_tok, rec.last_tokens) = (*tpm, req.tokens);
+            }
             rec.touched = true;
             if *rpm > 0 {
                 let v = (i64::from(*rpm) - i64::from(st.g_req) - rec.pend_req).max(0);
@@ -1337,7 +1417,7 @@ proptest! {
                         .iter()
                         .map(|(n, r, tt)| ScopeLimit { name: n, rpm: *r, tpm: *tt })
                         .collect();
-                    let req = Request { tokens, now, window: W, proxies, offline };
+                    let req = Request { requests: 1, tokens, now, window: W, proxies, offline };
                     prop_assert_eq!(t.check(&limits, &req), m.check(&owned, &req));
                 }
                 Op::Apply { scope, age, totals } => {
