@@ -84,11 +84,11 @@ class ReferenceTable:
             if offline and entry is None:
                 entry = self.entries[scope] = Entry(math.floor(now))
             elif offline and now >= entry.window_start + window:
-                # A local window, as while Redis is unreachable; the record's flags stay.
+                # A local window, as while Redis is unreachable.
                 entry.window_start, entry.g_req, entry.g_tok = math.floor(now), 0, 0
                 if entry.record is not None:
-                    old = entry.record
-                    entry.record = Record(old.name, fresh=old.fresh, touched=old.touched)
+                    # Only the pending deltas go with the old window; the rest sizes leases.
+                    entry.record.pend_req = entry.record.pend_tok = 0
             verdicts.append(
                 self._verdict(entry, rpm[i], tpm[i], tokens, now, window, proxies, offline)
             )
