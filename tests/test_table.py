@@ -41,7 +41,9 @@ ops = st.one_of(
     st.tuples(st.just("take"), st.sampled_from(SCOPES)),
     st.tuples(st.just("record"), st.sampled_from(SCOPES), st.integers(-50, 50)),
     st.tuples(st.just("advance"), st.floats(0.0, 6.0)),
-    st.tuples(st.just("evict"), st.integers(0, 5)),
+    # A budget of none or of every scope: with fewer than the candidates, which ones go
+    # depends on the table's hash order (its key is random), which the model cannot follow.
+    st.tuples(st.just("evict"), st.sampled_from([0, len(SCOPES)])),
 )
 
 
