@@ -306,9 +306,15 @@ async def test_a_lease_lost_with_an_empty_restart_is_not_spent(
     assert counts(server, scope)[1] == 20
 
 
+# The killed proxy's lease horizon, the default, which bounds what its unspent lease holds.
+HORIZON = 10.0
+
+
 def _killed_proxy(url: str, admitted: Any, syncs: Any) -> None:
     async def main() -> None:
-        async with TieredLimiter(url, sync_interval=INTERVAL, window=60, redis_timeout=1.0) as lim:
+        async with TieredLimiter(
+            url, sync_interval=INTERVAL, window=60, redis_timeout=1.0, lease_horizon=HORIZON
+        ) as lim:
             while True:
                 for _ in range(50):
                     if (await lim.acquire(KEY, rpm=2**32 - 1)).allowed:
@@ -357,10 +363,9 @@ def test_killed_proxy_loses_at_most_one_interval(redis_url: str, redis_server: R
     # The kill can land between an admission and the child's own count of it. Admissions from
     # its lease were counted in Redis before they were made; what it leased and did not spend
     # stays counted: early denials for the rest of the window, never late ones. That is at most
-    # a lease: `lease_horizon` (10 s by default) and an interval at the pace the scope was
-    # last settled at, plus the floor; the pace is taken as up to twice the measured rate.
-    horizon = 10.0
-    assert -(2 * rate * (horizon + INTERVAL) + 5) <= lost <= recent
+    # a lease: `lease_horizon` and an interval at the pace the scope was last settled at, plus
+    # the floor; the pace is taken as up to twice the measured rate.
+    assert -(2 * rate * (HORIZON + INTERVAL) + 5) <= lost <= recent
 
 
 def _faulty(kind: str, port: int) -> RedisServer:

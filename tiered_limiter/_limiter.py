@@ -512,7 +512,11 @@ class TieredLimiter:
         claimed = [s for s in dict.fromkeys(scopes) if s not in self._exacting]
         for s in claimed:
             self._exacting[s] = mine
-        taken = [self._take_for_check(s, r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)]
+        # A kind this check has no limit for keeps its lease: the script could not renew it.
+        taken = [
+            self._table.take(s, keep_request_lease=not r, keep_token_lease=not t)
+            for s, r, t in zip(scopes, rpms, tpms, strict=True)
+        ]
         calls = [
             Call(s, r, t, *_lease_wanted(r, t, tokens), *(d if d is not None else (0, 0, 0)))
             for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
@@ -532,20 +536,6 @@ class TieredLimiter:
             mine.set_result(None)
 
         return self._exact_reply(reply, taken, scopes, rpms, tpms, tokens, requests, started)
-
-    def _take_for_check(self, scope: str, rpm: int, tpm: int) -> tuple[int, int, int] | None:
-        """Take a scope's pending delta for an exact check, except the lease of a kind the
-        check has no limit for: the script could not renew it (LiteLLM checks a request against
-        rpm and its tokens against tpm in two steps, and each must keep the other's lease)."""
-        taken = self._table.take(scope)
-        if taken is None:
-            return None
-        window_start, requests, tokens = taken
-        keep_r = requests if not rpm and requests < 0 else 0
-        keep_t = tokens if not tpm and tokens < 0 else 0
-        if keep_r or keep_t:
-            self._table.restore(scope, window_start, keep_r, keep_t, self._now(), self._window)
-        return window_start, requests - keep_r, tokens - keep_t
 
     def _exact_reply(
         self,

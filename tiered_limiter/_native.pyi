@@ -175,8 +175,14 @@ class Table:
             the fleet's totals back for.
         """
 
-    def take(self, scope: str) -> tuple[int, int, int] | None:
-        """Take one scope's pending delta, as `(window_start, requests, tokens)`, or None."""
+    def take(
+        self, scope: str, *, keep_request_lease: bool = False, keep_token_lease: bool = False
+    ) -> tuple[int, int, int] | None:
+        """Take one scope's pending delta, as `(window_start, requests, tokens)`, or None.
+
+        A kind whose `keep_*_lease` is true gives up only its charges (a positive pending
+        delta) and keeps its lease: an exact check with no limit of that kind cannot renew it.
+        """
 
     def restore(
         self, scope: str, window_start: int, requests: int, tokens: int, now: float, window: int

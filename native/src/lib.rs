@@ -516,10 +516,18 @@ impl PyTable {
         })
     }
 
-    fn take(&self, scope: &Bound<'_, PyAny>) -> PyResult<Option<(u32, i64, i64)>> {
+    #[pyo3(signature = (scope, *, keep_request_lease = false, keep_token_lease = false))]
+    fn take(
+        &self,
+        scope: &Bound<'_, PyAny>,
+        keep_request_lease: bool,
+        keep_token_lease: bool,
+    ) -> PyResult<Option<(u32, i64, i64)>> {
         guarded("take", || {
             let name = str_arg(scope, "scope")?;
-            Ok(self.inner.take(&name))
+            Ok(self
+                .inner
+                .take_keeping(&name, (keep_request_lease, keep_token_lease)))
         })
     }
 

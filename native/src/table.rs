@@ -1340,14 +1340,29 @@ impl Table {
 
     /// Takes one scope's pending delta as `(window_start, requests, tokens)`.
     pub fn take(&self, scope: &str) -> Option<(u32, i64, i64)> {
+        self.take_keeping(scope, (false, false))
+    }
+
+    /// `take`, except that a kind flagged in `keep_leases` (requests, tokens) keeps its lease
+    /// (a negative pending delta) and gives up only its charges. For an exact check that has
+    /// no limit of that kind to renew the lease with: a gateway may check a request against
+    /// rpm and then its tokens alone against tpm, and each step must keep the other's lease.
+    pub fn take_keeping(&self, scope: &str, keep_leases: (bool, bool)) -> Option<(u32, i64, i64)> {
         let h = self.hash(scope);
         let shard = self.shard(&h).read();
         let entry = &shard.entries[shard.find(self.geo, &h)?];
         let record = shard.record(entry)?;
+        let take = |cell: &AtomicI64, keep_lease: bool| {
+            if keep_lease {
+                cell.fetch_min(0, Relaxed).max(0)
+            } else {
+                cell.swap(0, Relaxed)
+            }
+        };
         Some((
             entry.window_start,
-            record.pend_req.swap(0, Relaxed),
-            record.pend_tok.swap(0, Relaxed),
+            take(&record.pend_req, keep_leases.0),
+            take(&record.pend_tok, keep_leases.1),
         ))
     }
 

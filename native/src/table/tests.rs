@@ -547,6 +547,18 @@ fn a_tokens_only_charge_checks_the_token_limit_and_counts_no_request() {
 }
 
 #[test]
+fn take_keeping_a_lease_gives_up_only_charges() {
+    let t = table();
+    assert!(lease(&t, "k", 100, (5, 40), 100.0));
+    assert!(t.restore("k", 100, 9, 0, 100.0, W));
+    // Requests: 9 charged over a lease of 5 (+4); tokens: a lease of 40 (-40).
+    assert_eq!(t.take_keeping("k", (true, true)), Some((100, 4, 0)));
+    assert_eq!(t.take_keeping("k", (false, true)), Some((100, 0, 0)));
+    assert_eq!(t.take_keeping("k", (true, false)), Some((100, 0, -40)));
+    assert_eq!(t.take("k"), Some((100, 0, 0)));
+}
+
+#[test]
 fn a_tokens_only_charge_on_a_stale_scope_waits_for_redis() {
     let t = table();
     assert!(apply(&t, "k", 100, 0, 0, 100.0));
