@@ -73,7 +73,10 @@ def test_fleet_behind_nginx_admits_at_most_limit_plus_one_per_proxy(tmp_path: Pa
         assert len(complete) >= WINDOWS, (run.load, run.starts)
         for w in complete:
             context = (run.load, w, run.held.get(w.start))
-            assert w.offered >= 1.4 * LIMIT, context
+            # The premise: the window was offered well over the limit. The driver sends on
+            # schedule, but on a busy 2-core machine its sends bunch up across a window edge
+            # (CI once saw 83 of the 90 scheduled at 1.5x), so ask for a margin, not the rate.
+            assert w.offered >= 1.2 * LIMIT, context
             assert w.admitted <= LIMIT + PROXIES, context
             assert w.admitted >= 0.97 * LIMIT, context
             # Redis counts every admission, plus leases not yet spent or given back.
