@@ -172,10 +172,13 @@ def test_public_api_raises_only_its_own_errors(ops: list[tuple[Any, ...]]) -> No
                 "max_scopes",
                 "namespace",
                 "redis_timeout",
+                "connect_timeout",
                 "on_redis_down",
                 "batch_size",
                 "proxy_id",
                 "shards",
+                "idle_release",
+                "lease_horizon",
             ]
         ),
         st.one_of(anything, small_ints),

@@ -241,11 +241,25 @@ async def test_deltas_survive_a_failed_sync(clock: FakeClock) -> None:
 
 async def test_unreachable_redis_at_start_raises_without_password(clock: FakeClock) -> None:
     url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
-    lim = limiter(url, clock, redis_timeout=0.2)
+    lim = limiter(url, clock, redis_timeout=0.2, connect_timeout=0.3)
     with pytest.raises(RedisUnavailableError) as err:
         await lim.start()
     assert "hunter2" not in str(err.value)
     assert "redis://127.0.0.1:" in str(err.value)
+
+
+async def test_start_waits_for_a_redis_still_starting(clock: FakeClock) -> None:
+    """Redis starting beside the process: the first PING is refused (the server is spawned
+    only after it went out) and `start` tries again until it answers."""
+    server = RedisServer()
+    lim = limiter(server.url, clock, connect_timeout=30.0)
+    try:
+        await asyncio.gather(lim.start(), asyncio.to_thread(server.start))
+        assert (await lim.acquire(KEY, rpm=10)).allowed
+        await lim.close()
+        assert counts(server.url, KEY)[1] == 1
+    finally:
+        server.stop()
 
 
 async def test_clean_stop_flushes_every_delta(redis_url: str, clock: FakeClock) -> None:
@@ -314,6 +328,7 @@ async def test_bad_scopes_raise(
         ({"max_scopes": 0}, "max_scopes must be between 1"),
         ({"on_redis_down": "panic"}, "on_redis_down must be one of local, allow, deny"),
         ({"redis_timeout": 0}, "redis_timeout must be a positive"),
+        ({"connect_timeout": float("nan")}, "connect_timeout must be a positive"),
         ({"lease_horizon": 0}, "lease_horizon must be a positive"),
         ({"lease_horizon": math.nan}, "lease_horizon must be a positive"),
     ],

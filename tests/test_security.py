@@ -261,5 +261,5 @@ async def test_a_tls_port_refuses_an_untrusted_or_plain_client_cleanly(
 ) -> None:
     url = f"{scheme}://:{PASSWORD}@127.0.0.1:{tls_server.port}/0"
     with pytest.raises(RedisUnavailableError) as err:
-        await TieredLimiter(url, clock=clock, redis_timeout=1.0).start()
+        await TieredLimiter(url, clock=clock, redis_timeout=1.0, connect_timeout=1.0).start()
     assert PASSWORD not in str(err.value)

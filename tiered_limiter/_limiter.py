@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
 
 from . import _native, _validate
 from ._errors import InvalidArgumentError, InvalidTypeError, RedisUnavailableError
@@ -75,6 +75,8 @@ class Limit:
 
 _Errors = (RedisError, OSError, asyncio.TimeoutError)
 _T = TypeVar("_T")
+# Seconds between PINGs while `start` waits for Redis.
+_START_RETRY = 0.05
 # The error code Redis gives a command on a key of another type; the script reports it per scope.
 _WRONGTYPE = "WRONGTYPE"
 
@@ -98,6 +100,9 @@ class TieredLimiter:
         namespace: A prefix of every Redis key (LiteLLM's `RedisCache(namespace=...)`).
         redis_timeout: The longest a request waits on Redis (a cold scope or the exact last
             stretch before a limit), and the longest a sync may take.
+        connect_timeout: The longest `start` waits for Redis's first answer. Longer than
+            `redis_timeout` by default: no request waits on it, and a process starting beside
+            a busy Redis (or a slow TLS handshake) should not fail for a few hundred ms.
         on_redis_down: What requests that need Redis get while it is unreachable: "local"
             (this proxy's share of the limit, from local state), "allow" or "deny".
         batch_size: Scopes per script call in a sync.
@@ -127,6 +132,7 @@ class TieredLimiter:
         max_scopes: int = 1_000_000,
         namespace: str = "",
         redis_timeout: float = 0.25,
+        connect_timeout: float = 5.0,
         on_redis_down: str = "local",
         batch_size: int = _DEFAULT_BATCH,
         clock: Callable[[], float] | None = None,
@@ -142,6 +148,7 @@ class TieredLimiter:
                 f"sync_interval must be shorter than window ({self._window} s), got {sync_interval}"
             )
         self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
+        self._connect_timeout = _validate.positive_seconds(connect_timeout, "connect_timeout")
         idle = _validate.positive_seconds(idle_release, "idle_release")
         self._idle_drains = max(1, math.ceil(idle / self._interval))
         horizon = _validate.positive_seconds(lease_horizon, "lease_horizon")
@@ -218,7 +225,7 @@ class TieredLimiter:
         """Connect to Redis and start the sync task.
 
         Raises:
-            RedisUnavailableError: Redis did not answer within `redis_timeout`.
+            RedisUnavailableError: Redis did not answer within `connect_timeout`.
         """
         if self._task is not None or self._redis_arg is None:
             return
@@ -236,18 +243,37 @@ class TieredLimiter:
             client, namespace=self._namespace, window=self._window, clock=self._clock
         )
         try:
-            await backend.ping(self._timeout)
+            await self._first_ping(backend)
         except _Errors as exc:
             if self._owns_client:
                 await client.aclose()
             raise RedisUnavailableError(
-                f"could not reach Redis at {self._url} within redis_timeout={self._timeout} s: "
+                f"could not reach Redis at {self._url} within "
+                f"connect_timeout={self._connect_timeout} s: "
                 f"{type(exc).__name__}"
             ) from None
         self._backend = backend
         await self._sync_once()
         self._task = asyncio.create_task(self._run(), name="tiered_limiter.sync")
         self._task.add_done_callback(_log_crash)
+
+    async def _first_ping(self, backend: RedisBackend) -> None:
+        """PING until Redis answers, for at most `connect_timeout`; the last error if it never
+        does. A refused or slow connection is tried again (Redis may be starting beside this
+        process, or one answer may miss `redis_timeout` on a busy host); a refused password
+        is not."""
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                await backend.ping(max(left, 0.001))
+                return
+            except AuthenticationError:
+                raise
+            except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError):
+                if time.monotonic() + _START_RETRY >= deadline:
+                    raise
+            await asyncio.sleep(_START_RETRY)  # a pause between attempts, not a wait on state
 
     async def close(self) -> None:
         """Stop the sync task and flush every pending delta to Redis."""
