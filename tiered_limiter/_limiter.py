@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -64,6 +65,18 @@ class Decision(NamedTuple):
     scope: str | None = None
 
 
+@dataclass(slots=True)
+class _LateExact:
+    """What an exact check that outlasted its request needs to apply its reply later."""
+
+    taken: list[tuple[int, int, int] | None]
+    scopes: list[str]
+    tokens: int
+    requests: int
+    uncounted: bool = False
+    """The policy admitted the request without charging it anywhere ("allow")."""
+
+
 @dataclass(frozen=True, slots=True)
 class Limit:
     """One scope of a request with its limits; None means no limit of that kind."""
@@ -99,7 +112,13 @@ class TieredLimiter:
         max_scopes: The most scopes tracked in memory; past it, idle synced scopes are evicted.
         namespace: A prefix of every Redis key (LiteLLM's `RedisCache(namespace=...)`).
         redis_timeout: The longest a request waits on Redis (a cold scope or the exact last
-            stretch before a limit), and the longest a sync may take.
+            stretch before a limit). A call that outlasts it is not abandoned: the request
+            is answered by `on_redis_down`, and a late reply is still applied, so that the
+            lease it brings is not lost and what it counted is not counted twice.
+        sync_timeout: The longest a sync waits for Redis's reply, at least `sync_interval`.
+            No request waits on a sync (once one is an interval late, requests that need
+            Redis take the policy); a sync given up after Redis ran it would count its charges
+            again and lose the leases it was granted until their window ends.
         connect_timeout: The longest `start` waits for Redis's first answer. Longer than
             `redis_timeout` by default: no request waits on it, and a process starting beside
             a busy Redis (or a slow TLS handshake) should not fail for a few hundred ms.
@@ -133,6 +152,7 @@ class TieredLimiter:
         namespace: str = "",
         redis_timeout: float = 0.25,
         connect_timeout: float = 5.0,
+        sync_timeout: float = 2.0,
         on_redis_down: str = "local",
         batch_size: int = _DEFAULT_BATCH,
         clock: Callable[[], float] | None = None,
@@ -149,6 +169,9 @@ class TieredLimiter:
             )
         self._timeout = _validate.positive_seconds(redis_timeout, "redis_timeout")
         self._connect_timeout = _validate.positive_seconds(connect_timeout, "connect_timeout")
+        self._sync_timeout = max(
+            _validate.positive_seconds(sync_timeout, "sync_timeout"), self._interval
+        )
         idle = _validate.positive_seconds(idle_release, "idle_release")
         self._idle_drains = max(1, math.ceil(idle / self._interval))
         horizon = _validate.positive_seconds(lease_horizon, "lease_horizon")
@@ -205,6 +228,7 @@ class TieredLimiter:
             "dropped_deltas": 0,
             "dropped_corrections": 0,
             "redis_resets": 0,
+            "late_replies": 0,
         }
 
     # Lifecycle
@@ -233,9 +257,11 @@ class TieredLimiter:
         client = self._redis_arg
         if isinstance(client, str):
             self._url = redact(client)
+            # Calls on the request path give up waiting at `redis_timeout` on their own; the
+            # socket lets a late reply arrive as long as a sync may wait for one.
             client = Redis.from_url(
                 client,
-                socket_timeout=self._timeout,
+                socket_timeout=max(self._timeout, self._sync_timeout),
                 socket_connect_timeout=self._timeout,
             )
             self._owns_client = True
@@ -496,9 +522,14 @@ class TieredLimiter:
                 started = time.time()
                 limits = {s: (r, t) for s, r, t in zip(scopes, rpms, tpms, strict=True)}
                 calls = [Call(s, *limits[s], *_lease_wanted(*limits[s], tokens)) for s in fresh]
-                replies = await _within(
-                    backend.read(calls, batch_size=self._batch), deadline - time.monotonic()
-                )
+                read = asyncio.ensure_future(backend.read(calls, batch_size=self._batch))
+                try:
+                    replies = await _within(read, deadline - time.monotonic(), cancel=False)
+                except BaseException:
+                    # A read that outlasts the request may still reserve a lease in Redis:
+                    # left running, its reply is applied when it comes.
+                    read.add_done_callback(self._load_late)
+                    raise
                 self._counts["loads"] += 1
                 self._apply(replies, started)
                 failed = [s for reply in replies for s in reply.failed]
@@ -516,6 +547,13 @@ class TieredLimiter:
                     self._loading.pop(s, None)
         for other in waiting:
             await _within(asyncio.shield(other), deadline - time.monotonic())
+
+    def _load_late(self, read: asyncio.Future[list[Reply]]) -> None:
+        """Apply a read's reply that came after its request had stopped waiting for it."""
+        if read.cancelled() or read.exception() is not None:
+            return
+        self._counts["late_replies"] += 1
+        self._apply(read.result(), None)
 
     async def _exact(
         self,
@@ -548,14 +586,22 @@ class TieredLimiter:
             for s, r, t, d in zip(scopes, rpms, tpms, taken, strict=True)
         ]
         started = time.time()
+        call = asyncio.ensure_future(backend.acquire(calls, tokens, requests))
         try:
-            reply = await _within(
-                backend.acquire(calls, tokens, requests), deadline - time.monotonic()
-            )
-        except _Errors as exc:
+            reply = await _within(call, deadline - time.monotonic(), cancel=False)
+        except BaseException as exc:
+            # The pushed charges are kept for the next sync, in case the script never ran.
             self._restore([(s, *d) for s, d in zip(scopes, taken, strict=True) if d is not None])
+            late = _LateExact(taken, scopes, tokens, requests)
+            if not call.done():
+                # It timed out, or this request was cancelled: the script may still run or
+                # have run, and its reply is applied when it comes (`_exact_late`).
+                call.add_done_callback(functools.partial(self._exact_late, late))
+            if not isinstance(exc, _Errors):
+                raise
             self._redis_failed(exc)
-            return self._fallback(scopes, rpms, tpms, tokens, requests)
+            decision, late.uncounted = self._fallback_counted(scopes, rpms, tpms, tokens, requests)
+            return decision
         finally:
             for s in claimed:
                 self._exacting.pop(s, None)
@@ -589,13 +635,45 @@ class TieredLimiter:
             return self._fallback(scopes, rpms, tpms, tokens, requests)
         return _exact_decision(reply, scopes, rpms, tpms, self._window)
 
+    def _exact_late(self, late: _LateExact, call: asyncio.Future[Reply]) -> None:
+        """Apply an exact check's reply that came after its request was answered without it.
+
+        The script pushed the charges that were kept for the next sync: taken out again, so
+        they count once. Its leases and totals are applied as in time. If it admitted the
+        request, Redis counts it: the policy's local charge for it is taken back, or, if the
+        request was not served, the count stays in Redis as a lease of this proxy.
+        """
+        if call.cancelled() or call.exception() is not None:
+            return  # never ran, or failed: the kept charges go with the next sync
+        reply = call.result()
+        self._counts["late_replies"] += 1
+        self._apply([reply], None)
+        now = self._now()
+        for scope, delta in zip(late.scopes, late.taken, strict=True):
+            if delta is not None and scope not in reply.failed:
+                window_start, pushed_requests, pushed_tokens = delta
+                requests, tokens = max(pushed_requests, 0), max(pushed_tokens, 0)
+                if requests or tokens:
+                    self._table.restore(scope, window_start, -requests, -tokens, now, self._window)
+        if reply.allowed and not reply.failed and not late.uncounted:
+            for t in reply.totals:
+                self._table.restore(
+                    t.scope, t.window_start, -late.requests, -late.tokens, now, self._window
+                )
+
     def _fallback(
         self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int, requests: int
     ) -> Decision:
         """Answer by the outage policy while Redis is unreachable."""
+        return self._fallback_counted(scopes, rpms, tpms, tokens, requests)[0]
+
+    def _fallback_counted(
+        self, scopes: list[str], rpms: list[int], tpms: list[int], tokens: int, requests: int
+    ) -> tuple[Decision, bool]:
+        """`_fallback`, and whether it admitted the request without charging it anywhere."""
         self._counts["fallback_decisions"] += 1
         if self._policy == "deny":
-            return Decision(False, None, self._interval, scope=scopes[0])
+            return Decision(False, None, self._interval, scope=scopes[0]), False
         result = self._table.check(
             scopes,
             rpms,
@@ -610,11 +688,14 @@ class TieredLimiter:
         if self._policy == "allow" and result[0] != _ADMITTED:
             # Admitted past this proxy's share, uncounted; what fit in it was charged above and
             # reaches Redis when it is back.
-            return Decision(True, None, 0.0)
-        return _decision(result, scopes)
+            return Decision(True, None, 0.0), True
+        return _decision(result, scopes), False
 
-    def _apply(self, replies: list[Reply], started: float) -> None:
-        now = self._note_redis_time(replies, started)
+    def _apply(self, replies: list[Reply], started: float | None) -> None:
+        """Apply the totals and leases of script replies; `started`, when the round trip
+        began, also corrects the clock (None for a late reply, whose round trip would skew it).
+        """
+        now = self._now() if started is None else self._note_redis_time(replies, started)
         for reply in replies:
             for t in reply.totals:
                 if t.restored:
@@ -758,7 +839,7 @@ class TieredLimiter:
                         prune=prune,
                         leaving=leaving,
                     ),
-                    max(self._timeout, self._interval),
+                    self._sync_timeout,
                 )
             except _Errors as exc:
                 self._restore(deltas[first:])
@@ -786,22 +867,25 @@ class TieredLimiter:
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
 
 
-async def _within(call: Awaitable[_T], timeout: float) -> _T:
+async def _within(call: Awaitable[_T], timeout: float, *, cancel: bool = True) -> _T:
     """Await `call` for at most `timeout` seconds, then raise TimeoutError.
 
     Unlike `asyncio.wait_for`, the caller does not also wait for the cancelled call to clean
     up (redis-py may close a connection on cancellation, waiting again on a dead server): the
-    call is cancelled and finishes in the background.
+    call is cancelled and finishes in the background. With `cancel=False` it is left running,
+    when the caller gives up or is cancelled, for the caller to take its late outcome.
     """
     task = asyncio.ensure_future(call)
     try:
         done, _ = await asyncio.wait({task}, timeout=max(timeout, 0.0))
     except asyncio.CancelledError:
-        task.cancel()
+        if cancel:
+            task.cancel()
         raise
     if not done:
-        task.cancel()
-        task.add_done_callback(_retrieve)
+        if cancel:
+            task.cancel()
+            task.add_done_callback(_retrieve)
         raise TimeoutError(f"no answer from Redis within {max(timeout, 0.0):.3f} s")
     return task.result()
 

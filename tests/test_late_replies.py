@@ -1,0 +1,124 @@
+"""Replies that come after the request stopped waiting for them (`redis_timeout`).
+
+Redis ran the script; the relay held its reply back past the timeout, and the request was
+answered by the outage policy. The late reply must still be applied: the lease it reserved
+becomes this proxy's to spend or give back, and what the script counted is not counted again.
+So once the limiter stops (giving back every lease), Redis holds exactly what was admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import redis as redis_sync
+
+from tiered_limiter import TieredLimiter
+
+from .conftest import FakeClock
+from .relay import HeldReplies
+from .support import RedisServer
+
+QUIET = 30.0  # no background sync: the test syncs when the relay lets replies through
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        await asyncio.sleep(0.002)  # yield to the relay and the late reply between polls
+
+
+def requests_held(server: RedisServer, scope: str) -> int:
+    client = redis_sync.Redis(port=server.port)
+    try:
+        return int(client.get(f"{{{scope}}}:requests") or 0)
+    finally:
+        client.close()
+
+
+def limiter(url: str, clock: FakeClock) -> TieredLimiter:
+    return TieredLimiter(
+        url, sync_interval=QUIET, window=60, clock=clock, redis_timeout=0.2, idle_release=QUIET
+    )
+
+
+async def test_a_read_answered_late_still_brings_its_lease(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    scope = "user:late-read"
+    async with HeldReplies(redis_server.port) as relay, limiter(relay.url, clock) as lim:
+        relay.hold()
+        decision = await lim.acquire(scope, rpm=10)
+        assert decision.allowed, "the local policy admits within this proxy's share"
+        assert lim.stats()["fallback_decisions"] == 1
+        relay.release()
+        await until(lambda: lim.stats()["late_replies"] == 1, "the late read applied")
+        await lim.sync()
+        assert not lim.stats()["degraded"]
+        # The late lease is spendable: the next requests stay local.
+        assert all(lim.try_acquire(scope, rpm=10) is not None for _ in range(2))
+        admitted = 3
+    assert requests_held(redis_server, scope) == admitted
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["timed-out", "cancelled"])
+async def test_an_exact_check_answered_late_counts_once(
+    redis_server: RedisServer, clock: FakeClock, cancelled: bool
+) -> None:
+    scope = f"user:late-exact-{cancelled}"
+    admitted = 0
+    async with HeldReplies(redis_server.port) as relay, limiter(relay.url, clock) as lim:
+        # Spend the first lease, so that the next request takes an exact check.
+        while (decision := lim.try_acquire(scope, rpm=20)) is not None or not admitted:
+            if decision is None:
+                decision = await lim.acquire(scope, rpm=20)
+            assert decision.allowed
+            admitted += 1
+        pushed_before = lim.stats()["exact_checks"]
+        relay.hold()
+        if cancelled:
+            task = asyncio.create_task(lim.acquire(scope, rpm=20))
+            await until(lambda: relay.held > 0, "the exact script's reply held")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            decision = await lim.acquire(scope, rpm=20)
+            assert lim.stats()["fallback_decisions"] == 1
+            admitted += decision.allowed
+        assert lim.stats()["exact_checks"] == pushed_before
+        relay.release()
+        await until(lambda: lim.stats()["late_replies"] == 1, "the late exact reply applied")
+        await lim.sync()
+        assert not lim.stats()["degraded"]
+    assert admitted >= 2
+    assert requests_held(redis_server, scope) == admitted
+
+
+async def test_a_sync_outlasting_redis_timeout_is_waited_for(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """A sync slower than `redis_timeout` but within `sync_timeout` is not given up and pushed
+    again: nothing is counted twice, and no request waited on it."""
+    scope = "user:slow-sync"
+    async with (
+        HeldReplies(redis_server.port) as relay,
+        TieredLimiter(
+            relay.url, sync_interval=0.1, window=60, clock=clock, redis_timeout=0.2
+        ) as lim,
+    ):
+        for _ in range(3):
+            assert (await lim.acquire(scope)).allowed  # no limit: charges wait for a sync
+        relay.hold()
+        await until(lambda: relay.held > 0, "a sync's reply held")
+        await until(lambda: lim.stats()["degraded"], "the sync an interval late")
+        assert lim.try_acquire(scope) is not None, "a warm scope answers locally meanwhile"
+        await asyncio.sleep(0.4)  # how long Redis stays slow: twice redis_timeout
+        relay.release()
+        await lim.sync()  # after the held one
+        assert lim.stats()["redis_errors"] == 0
+    assert requests_held(redis_server, scope) == 4
