@@ -18,10 +18,19 @@ VARIABLES = [
     "TIERED_LIMITER_LEASE_HORIZON",
     "TIERED_LIMITER_MAX_SCOPES",
     "TIERED_LIMITER_REDIS_TIMEOUT",
+    "TIERED_LIMITER_SYNC_TIMEOUT",
     "TIERED_LIMITER_ON_REDIS_DOWN",
     "LITELLM_RATE_LIMIT_WINDOW_SIZE",
 ]
-KEYS = ["mode", "sync_interval", "lease_horizon", "max_scopes", "redis_timeout", "on_redis_down"]
+KEYS = [
+    "mode",
+    "sync_interval",
+    "lease_horizon",
+    "max_scopes",
+    "redis_timeout",
+    "sync_timeout",
+    "on_redis_down",
+]
 values = st.one_of(
     st.text(max_size=30),
     st.sampled_from(["on", "off", "canary:25", "canary:101", "0.1", "-1", "nan", "inf", "1e400"]),
@@ -50,6 +59,7 @@ def test_any_knob_value_starts_the_tier_or_is_refused_by_name(
             window=knobs.window,
             max_scopes=knobs.max_scopes,
             redis_timeout=knobs.redis_timeout,
+            sync_timeout=knobs.sync_timeout,
             on_redis_down=knobs.on_redis_down,
         )
     except (InvalidArgumentError, InvalidTypeError) as exc:

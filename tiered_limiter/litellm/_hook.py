@@ -67,6 +67,7 @@ class TieredParallelRequestHandler(_PROXY_MaxParallelRequestsHandler_v3):
                 max_scopes=self.tier_settings.max_scopes,
                 namespace=redis_cache.namespace or "",
                 redis_timeout=self.tier_settings.redis_timeout,
+                sync_timeout=self.tier_settings.sync_timeout,
                 # Under fail-closed enforcement an outage-policy answer becomes LiteLLM's 503;
                 # "deny" makes sure it charged nothing first.
                 on_redis_down=(

@@ -16,6 +16,7 @@ _KNOBS: dict[str, tuple[str, str, object]] = {
     "lease_horizon": ("TIERED_LIMITER_LEASE_HORIZON", "lease_horizon", 10.0),
     "max_scopes": ("TIERED_LIMITER_MAX_SCOPES", "max_scopes", 1_000_000),
     "redis_timeout": ("TIERED_LIMITER_REDIS_TIMEOUT", "redis_timeout", 0.25),
+    "sync_timeout": ("TIERED_LIMITER_SYNC_TIMEOUT", "sync_timeout", 2.0),
     "on_redis_down": ("TIERED_LIMITER_ON_REDIS_DOWN", "on_redis_down", "local"),
 }
 
@@ -31,6 +32,7 @@ class Settings:
             `TieredLimiter(lease_horizon=...)`.
         max_scopes: Scopes tracked in memory per process.
         redis_timeout: The longest a request waits on Redis.
+        sync_timeout: The longest a sync waits on Redis, as `TieredLimiter(sync_timeout=...)`.
         on_redis_down: "local", "allow" or "deny", as `TieredLimiter(on_redis_down=...)`.
         window: LiteLLM's window in seconds (`LITELLM_RATE_LIMIT_WINDOW_SIZE`).
     """
@@ -40,6 +42,7 @@ class Settings:
     lease_horizon: float = 10.0
     max_scopes: int = 1_000_000
     redis_timeout: float = 0.25
+    sync_timeout: float = 2.0
     on_redis_down: str = "local"
     window: int = 60
 
@@ -121,6 +124,7 @@ def load(
         lease_horizon=number("lease_horizon", float),
         max_scopes=int(number("max_scopes", int)),
         redis_timeout=number("redis_timeout", float),
+        sync_timeout=number("sync_timeout", float),
         on_redis_down=str(raw["on_redis_down"]),
         window=int(number("window", int)),
     )
