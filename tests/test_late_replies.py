@@ -122,3 +122,18 @@ async def test_a_sync_outlasting_redis_timeout_is_waited_for(
         await lim.sync()  # after the held one
         assert lim.stats()["redis_errors"] == 0
     assert requests_held(redis_server, scope) == 4
+
+
+async def test_close_waits_for_a_late_reply(redis_server: RedisServer, clock: FakeClock) -> None:
+    """A limiter stopped while a reply is on its way applies it first, so that its last sync
+    gives back the lease that reply brought."""
+    scope = "user:late-close"
+    async with HeldReplies(redis_server.port) as relay:
+        lim = limiter(relay.url, clock)
+        await lim.start()
+        relay.hold()
+        assert (await lim.acquire(scope, rpm=10)).allowed
+        relay.release()
+        await lim.close()
+        assert lim.stats()["late_replies"] == 1
+    assert requests_held(redis_server, scope) == 1

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import _native, _validate
 from ._errors import InvalidArgumentError, InvalidTypeError, RedisUnavailableError
@@ -217,6 +218,8 @@ class TieredLimiter:
         # being checked waits for that reply (and the lease it brings) and checks again.
         self._exacting: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        # Calls left running after their request stopped waiting; their replies still apply.
+        self._late: set[asyncio.Future[Any]] = set()
         self._sync_lock = asyncio.Lock()
         self._counts = {
             "syncs": 0,
@@ -296,7 +299,7 @@ class TieredLimiter:
                 return
             except AuthenticationError:
                 raise
-            except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError):
+            except (RedisConnectionError, TimeoutError, asyncio.TimeoutError, OSError):
                 if time.monotonic() + _START_RETRY >= deadline:
                     raise
             await asyncio.sleep(_START_RETRY)  # a pause between attempts, not a wait on state
@@ -312,6 +315,10 @@ class TieredLimiter:
         if backend is None:
             return
 
+        if self._late:
+            # Replies still on their way bring leases: let them land, so that this last sync
+            # gives them back.
+            await asyncio.wait(set(self._late), timeout=self._sync_timeout)
         await self._sync_once(leaving=True)
         if self._degraded:
             lost = self._table.stats()["pending"]
@@ -528,7 +535,7 @@ class TieredLimiter:
                 except BaseException:
                     # A read that outlasts the request may still reserve a lease in Redis:
                     # left running, its reply is applied when it comes.
-                    read.add_done_callback(self._load_late)
+                    self._keep_late(read, self._load_late)
                     raise
                 self._counts["loads"] += 1
                 self._apply(replies, started)
@@ -547,6 +554,14 @@ class TieredLimiter:
                     self._loading.pop(s, None)
         for other in waiting:
             await _within(asyncio.shield(other), deadline - time.monotonic())
+
+    def _keep_late(
+        self, call: asyncio.Future[_T], apply: Callable[[asyncio.Future[_T]], None]
+    ) -> None:
+        """Apply `call`'s reply whenever it comes; `close` waits for it."""
+        self._late.add(call)
+        call.add_done_callback(self._late.discard)
+        call.add_done_callback(apply)
 
     def _load_late(self, read: asyncio.Future[list[Reply]]) -> None:
         """Apply a read's reply that came after its request had stopped waiting for it."""
@@ -596,7 +611,7 @@ class TieredLimiter:
             if not call.done():
                 # It timed out, or this request was cancelled: the script may still run or
                 # have run, and its reply is applied when it comes (`_exact_late`).
-                call.add_done_callback(functools.partial(self._exact_late, late))
+                self._keep_late(call, functools.partial(self._exact_late, late))
             if not isinstance(exc, _Errors):
                 raise
             self._redis_failed(exc)
