@@ -82,12 +82,19 @@ def start_proxy(tmp_path: Path, redis_srv: RedisServer, keys: Keys) -> Iterator[
         proxy.stop()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` until it holds, at most `timeout` seconds."""
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float = 10.0,
+    what: str = "condition",
+    now: Callable[[], str] | None = None,
+) -> None:
+    """Poll `predicate` until it holds, at most `timeout` seconds; `now` says, on failure,
+    what held instead."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            seen = f" ({now()})" if now is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{seen}")
         time.sleep(0.02)  # polling state another process changes
 
 

@@ -268,6 +268,7 @@ def test_serves_through_redis_outage_and_resyncs_after(
             lambda: _count(client, scope, "requests") == 3,
             timeout=30,
             what="the outage's 3 admissions pushed to the restarted Redis",
+            now=lambda: f"Redis holds {_count(client, scope, 'requests')}; {proxy.tail(40)}",
         )
         assert client.get(f"{{{scope}}}:window") is not None
     finally:
