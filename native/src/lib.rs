@@ -9,6 +9,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod heap;
 pub mod table;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -282,6 +283,8 @@ struct PyTable {
     inner: Table,
     /// The tuple subclass `decide_one` returns its fields as, or None for plain tuples.
     decision: Option<Py<PyType>>,
+    /// When `drain` last released freed heap (see [`heap`]).
+    trimmer: heap::Trimmer,
 }
 
 #[pymethods]
@@ -317,7 +320,11 @@ impl PyTable {
                 Some(obj) if !obj.is_none() => Some(decision_arg(obj)?.unbind()),
                 _ => None,
             };
-            Ok(Self { inner, decision })
+            Ok(Self {
+                inner,
+                decision,
+                trimmer: heap::Trimmer::default(),
+            })
         })
     }
 
@@ -498,6 +505,11 @@ impl PyTable {
                 ));
             }
             let deltas = self.inner.drain(now, window, idle, lease);
+            // The sync is where the table grows and shrinks in steps, and is off the request
+            // path: release what that left in the heap, without holding the GIL.
+            if self.trimmer.due(self.inner.stats().memory_bytes) {
+                py.detach(heap::release);
+            }
             PyList::new(
                 py,
                 deltas.iter().map(|d| {
