@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import _native, _validate
 from ._errors import InvalidArgumentError, InvalidTypeError, RedisUnavailableError
-from ._redis import Call, Delta, Heartbeat, RedisBackend, Reply, redact
+from ._redis import Call, Delta, Heartbeat, RedisBackend, Reply, one_retry, redact
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +266,7 @@ class TieredLimiter:
                 client,
                 socket_timeout=max(self._timeout, self._sync_timeout),
                 socket_connect_timeout=self._timeout,
+                retry=one_retry(),
             )
             self._owns_client = True
         backend = RedisBackend(

@@ -13,6 +13,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 Delta = tuple[str, int, int, int]
@@ -31,6 +34,20 @@ def _sha1(source: str) -> str:
 
 Command = tuple[str, list[str], list[Any]]
 """A script call: (script name, keys, args)."""
+
+
+def one_retry() -> Retry:
+    """The retry policy of the clients the tier builds: one immediate retry on a broken
+    connection, none on a timeout.
+
+    redis-py's default retries a command up to 10 times, with growing pauses, on a broken
+    connection and on a timeout. The tier's scripts are not idempotent: a script retried after
+    its reply timed out runs twice, and one retried across a Redis restart (a call left
+    running after its request stopped waiting) reserves a lease in the new Redis before this
+    proxy's heartbeat has noticed the restart, which then drops it without giving it back.
+    One retry still replaces a pooled connection that a restart left dead.
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 def redact(url: str) -> str:

@@ -17,6 +17,7 @@ from litellm.redis.stores.rate_limits import RateLimitStore
 from litellm.types.passthrough_endpoints.pass_through_endpoints import EndpointType
 
 from .. import TieredLimiter
+from .._redis import one_retry
 from . import _settings
 from ._handle import REQUEST, RequestLimits, TieredRateLimits, TieredRateLimitStore
 
@@ -32,8 +33,11 @@ def _general_settings() -> Mapping[str, Any]:
 
 
 def _tier_client(redis_cache: Any) -> Any:
-    """A redis-py asyncio client on the same Redis as LiteLLM's coordination cache."""
-    return get_redis_async_client(**redis_cache.redis_kwargs)
+    """A redis-py asyncio client on the same Redis as LiteLLM's coordination cache, with the
+    tier's retry policy (`one_retry`: the tier's scripts must not run twice)."""
+    client = get_redis_async_client(**redis_cache.redis_kwargs)
+    client.set_retry(one_retry())
+    return client
 
 
 class TieredParallelRequestHandler(_PROXY_MaxParallelRequestsHandler_v3):
