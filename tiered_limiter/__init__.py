@@ -10,6 +10,7 @@ from ._errors import (
     TieredLimiterError,
 )
 from ._limiter import Decision, Limit, TieredLimiter
+from ._redis import one_retry
 
 __all__ = [
     "Decision",
@@ -19,5 +20,6 @@ __all__ = [
     "RedisUnavailableError",
     "TieredLimiter",
     "TieredLimiterError",
+    "one_retry",
 ]
 __version__ = "0.1.0"
