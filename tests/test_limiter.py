@@ -426,3 +426,16 @@ async def test_a_burst_on_a_scope_without_a_lease_shares_its_exact_checks(
         assert r.get("{api_key:burst}:requests") == "20"  # leases given back on close
     finally:
         r.close()
+
+
+async def test_a_client_built_from_a_url_never_retries_a_timeout(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """The scripts are not idempotent: a timed-out call must not be sent again."""
+    async with limiter(redis_url, clock) as lim:
+        assert lim._backend is not None
+        retry = lim._backend.client.get_retry()
+        assert retry is not None
+        assert retry._retries == 1
+        assert redis_sync.exceptions.TimeoutError not in retry._supported_errors
+        assert redis_sync.exceptions.ConnectionError in retry._supported_errors
