@@ -13,6 +13,10 @@ order:
   tracked, as in a proxy whose traffic comes from a few keys among many remembered ones:
   what the size of the table itself adds to a check.
 
+`floor uniform` is a function with the same call shape that only takes each scope string's
+length, in the uniform order: what reaching the caller's own strings costs at that size,
+before any limiter looks them up.
+
 Reports the median ns per check over several rounds (sizes interleaved round by round, so
 that a busy moment on a shared machine hits every size alike) and the ratio of each size to
 the smallest.
@@ -34,6 +38,11 @@ from check_cost import LIMIT, DictLimiter
 from tiered_limiter import TieredLimiter
 
 HOT = 1000
+
+
+def touch(scope: str, **limits: int) -> int:
+    """The floor: a call that reaches the scope string and nothing else."""
+    return len(scope)
 
 
 def timed(acquire: Callable[..., object], order: list[str]) -> float:
@@ -58,7 +67,7 @@ class Size:
         self.tier = TieredLimiter(None, window=60, max_scopes=max(1_000_000, size * 11 // 10))
         self.plain = DictLimiter()
         self.times: dict[str, list[float]] = {
-            k: [] for k in ("tier uniform", "dict uniform", "tier hot", "dict hot")
+            k: [] for k in ("tier uniform", "dict uniform", "tier hot", "dict hot", "floor uniform")
         }
 
     def fill(self) -> None:
@@ -74,6 +83,7 @@ class Size:
         self.times["dict uniform"].append(timed(self.plain.try_acquire, self.uniform))
         self.times["tier hot"].append(timed(self.tier.try_acquire, self.hot))
         self.times["dict hot"].append(timed(self.plain.try_acquire, self.hot))
+        self.times["floor uniform"].append(timed(touch, self.uniform))
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.times.items()}
@@ -102,13 +112,13 @@ async def main() -> None:
     base = sizes[0].medians()
     print(
         f"{'scopes':>9}  {'tier uniform':>16}  {'dict uniform':>16}  {'tier hot':>16}"
-        f"  {'dict hot':>16}  tier/dict uniform, hot"
+        f"  {'dict hot':>16}  {'floor uniform':>16}  tier/dict uniform, hot"
     )
     for s in sizes:
         m = s.medians()
         cells = "  ".join(
             f"{m[k]:>7.0f} ({m[k] / base[k]:4.2f}x)"
-            for k in ("tier uniform", "dict uniform", "tier hot", "dict hot")
+            for k in ("tier uniform", "dict uniform", "tier hot", "dict hot", "floor uniform")
         )
         ratios = f"{m['tier uniform'] / m['dict uniform']:.2f}, {m['tier hot'] / m['dict hot']:.2f}"
         print(f"{s.size:>9}  {cells}  {ratios}")
