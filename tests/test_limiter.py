@@ -439,3 +439,38 @@ async def test_a_client_built_from_a_url_never_retries_a_timeout(
         assert retry._retries == 1
         assert redis_sync.exceptions.TimeoutError not in retry._supported_errors
         assert redis_sync.exceptions.ConnectionError in retry._supported_errors
+
+
+async def test_close_returns_even_if_the_sync_task_swallows_its_cancellation(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """On Python 3.11, `asyncio.wait_for` (inside a sync) can swallow a cancellation that comes
+    as its call completes; `close` must not then wait on the sync loop forever."""
+    lim = TieredLimiter(redis_url, sync_interval=0.05, window=60, clock=clock)
+    await lim.start()
+    real_sync_once = lim._sync_once
+    inside = asyncio.Event()
+    swallowed = 0
+
+    async def swallowing(*, leaving: bool = False) -> None:
+        nonlocal swallowed
+        if leaving or swallowed:
+            await real_sync_once(leaving=leaving)
+            return
+        inside.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            swallowed += 1  # as wait_for on 3.11 can; a second cancellation goes through
+
+    lim._sync_once = swallowing  # type: ignore[method-assign]
+    sync_task = lim._task
+    assert sync_task is not None
+    await inside.wait()
+    closing = asyncio.create_task(lim.close())
+    done, _ = await asyncio.wait({closing}, timeout=5.0)
+    if not done:
+        sync_task.cancel()  # end the loop, so that the test fails instead of hanging
+        await closing
+    assert swallowed == 1
+    assert done, "close waited forever on a sync loop that swallowed its cancellation"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -218,6 +217,7 @@ class TieredLimiter:
         # being checked waits for that reply (and the lease it brings) and checks again.
         self._exacting: dict[str, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         # Calls left running after their request stopped waiting; their replies still apply.
         self._late: set[asyncio.Future[Any]] = set()
         self._sync_lock = asyncio.Lock()
@@ -284,6 +284,7 @@ class TieredLimiter:
             ) from None
         self._backend = backend
         await self._sync_once()
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="tiered_limiter.sync")
         self._task.add_done_callback(_log_crash)
 
@@ -308,10 +309,11 @@ class TieredLimiter:
     async def close(self) -> None:
         """Stop the sync task and flush every pending delta to Redis."""
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not `await task`: that would also swallow a cancellation of `close` itself.
+            await asyncio.wait({task})
         backend = self._backend
         if backend is None:
             return
@@ -804,8 +806,13 @@ class TieredLimiter:
             )
 
     async def _run(self) -> None:
-        while True:
+        # `close` sets `_stopping` as well as cancelling this task: on Python 3.11,
+        # `asyncio.wait_for` swallows a cancellation that arrives as its call completes, and
+        # the loop must end anyway (a test run once hung in `close` on that).
+        while not self._stopping:
             await asyncio.sleep(self._interval)
+            if self._stopping:
+                return
             await self._sync_once()
 
     async def _sync_once(self, *, leaving: bool = False) -> None:
