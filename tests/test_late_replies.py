@@ -137,3 +137,37 @@ async def test_close_waits_for_a_late_reply(redis_server: RedisServer, clock: Fa
         await lim.close()
         assert lim.stats()["late_replies"] == 1
     assert requests_held(redis_server, scope) == 1
+
+
+async def test_a_sync_answered_after_sync_timeout_counts_once(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """A sync given up at `sync_timeout` after Redis ran it: its charges, kept to be pushed
+    again, are taken back out when its reply comes, so that they count once."""
+    scope = "user:late-sync"
+    async with (
+        HeldReplies(redis_server.port) as relay,
+        TieredLimiter(
+            relay.url,
+            sync_interval=0.05,
+            lease_horizon=0.05,  # every scope used in an interval is synced at its end
+            window=60,
+            clock=clock,
+            redis_timeout=0.1,
+            sync_timeout=0.2,
+        ) as lim,
+    ):
+        assert (await lim.acquire(scope)).allowed
+        await lim.sync()
+        relay.hold()
+        for _ in range(3):  # no limit: warm, local, and each charge waits for a sync
+            decision = lim.try_acquire(scope)
+            assert decision is not None
+            assert decision.allowed
+        await until(lambda: lim.stats()["redis_errors"] > 0, "a sync given up on")
+        assert lim.stats()["late_replies"] == 0
+        relay.release()
+        await until(lambda: lim.stats()["late_replies"] > 0, "the late sync reply applied")
+        await lim.sync()
+        assert not lim.stats()["degraded"]
+    assert requests_held(redis_server, scope) == 4

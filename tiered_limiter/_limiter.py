@@ -260,11 +260,11 @@ class TieredLimiter:
         client = self._redis_arg
         if isinstance(client, str):
             self._url = redact(client)
-            # Calls on the request path give up waiting at `redis_timeout` on their own; the
-            # socket lets a late reply arrive as long as a sync may wait for one.
+            # Requests and syncs give up waiting at their own timeouts; the socket lets a
+            # reply come later than either (it is applied then), within twice `sync_timeout`.
             client = Redis.from_url(
                 client,
-                socket_timeout=max(self._timeout, self._sync_timeout),
+                socket_timeout=max(self._timeout, 2 * self._sync_timeout),
                 socket_connect_timeout=self._timeout,
                 retry=one_retry(),
             )
@@ -566,6 +566,32 @@ class TieredLimiter:
         call.add_done_callback(self._late.discard)
         call.add_done_callback(apply)
 
+    def _sync_late(
+        self,
+        backend: RedisBackend,
+        chunk: list[Any],
+        call: asyncio.Future[tuple[list[Reply], Heartbeat | None]],
+    ) -> None:
+        """Apply a sync's reply that came after the sync gave up on it (`sync_timeout`).
+
+        Its charges were kept for the next sync: taken back out, so that they count once (if
+        that sync pushed them already, what is taken out stays as a lease Redis counts). Its
+        heartbeat and leases are applied as in time.
+        """
+        if call.cancelled() or call.exception() is not None:
+            return  # never ran, or failed: the kept charges go with the next sync
+        replies, heartbeat = call.result()
+        self._counts["late_replies"] += 1
+        if heartbeat is not None:
+            self._heard(backend, heartbeat)
+        self._apply(replies, None)
+        failed = {s for reply in replies for s in reply.failed}
+        now = self._now()
+        for scope, window_start, requests, tokens, *_ in chunk:
+            pushed = max(requests, 0), max(tokens, 0)
+            if scope not in failed and any(pushed):
+                self._table.restore(scope, window_start, -pushed[0], -pushed[1], now, self._window)
+
     def _load_late(self, read: asyncio.Future[list[Reply]]) -> None:
         """Apply a read's reply that came after its request had stopped waiting for it."""
         if read.cancelled() or read.exception() is not None:
@@ -851,21 +877,27 @@ class TieredLimiter:
             ]
             started = time.time()
             self._sync_since = time.monotonic()
-            try:
-                chunk_replies, heartbeat = await asyncio.wait_for(
-                    backend.sync(
-                        calls,
-                        batch_size=self._batch,
-                        proxy_id=self._proxy_id,
-                        heartbeat_ttl=max(5 * self._interval, 2.0),
-                        beat=first == 0,
-                        prune=prune,
-                        leaving=leaving,
-                    ),
-                    self._sync_timeout,
+            call = asyncio.ensure_future(
+                backend.sync(
+                    calls,
+                    batch_size=self._batch,
+                    proxy_id=self._proxy_id,
+                    heartbeat_ttl=max(5 * self._interval, 2.0),
+                    beat=first == 0,
+                    prune=prune,
+                    leaving=leaving,
                 )
-            except _Errors as exc:
+            )
+            try:
+                chunk_replies, heartbeat = await _within(call, self._sync_timeout, cancel=False)
+            except BaseException as exc:
+                # The charges go with the next sync, in case Redis never ran this one; if it
+                # did, its reply takes them back out when it comes (`_sync_late`).
                 self._restore(deltas[first:])
+                if not call.done():
+                    self._keep_late(call, functools.partial(self._sync_late, backend, chunk))
+                if not isinstance(exc, _Errors):
+                    raise
                 self._redis_failed(exc)
                 return
             finally:
