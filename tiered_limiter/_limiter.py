@@ -832,9 +832,9 @@ class TieredLimiter:
             )
 
     async def _run(self) -> None:
-        # `close` sets `_stopping` as well as cancelling this task: on Python 3.11,
-        # `asyncio.wait_for` swallows a cancellation that arrives as its call completes, and
-        # the loop must end anyway (a test run once hung in `close` on that).
+        # `close` sets `_stopping` as well as cancelling this task, so that the loop ends even
+        # if a cancellation is swallowed on its way (on Python 3.11, `asyncio.wait_for` did
+        # that when the sync used it, and a test run hung in `close`).
         while not self._stopping:
             await asyncio.sleep(self._interval)
             if self._stopping:
