@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
@@ -586,11 +586,7 @@ class TieredLimiter:
             self._heard(backend, heartbeat)
         self._apply(replies, None)
         failed = {s for reply in replies for s in reply.failed}
-        now = self._now()
-        for scope, window_start, requests, tokens, *_ in chunk:
-            pushed = max(requests, 0), max(tokens, 0)
-            if scope not in failed and any(pushed):
-                self._table.restore(scope, window_start, -pushed[0], -pushed[1], now, self._window)
+        self._take_back([d for d in chunk if d[0] not in failed])
 
     def _load_late(self, read: asyncio.Future[list[Reply]]) -> None:
         """Apply a read's reply that came after its request had stopped waiting for it."""
@@ -692,13 +688,14 @@ class TieredLimiter:
         reply = call.result()
         self._counts["late_replies"] += 1
         self._apply([reply], None)
+        self._take_back(
+            [
+                (s, *d)
+                for s, d in zip(late.scopes, late.taken, strict=True)
+                if d is not None and s not in reply.failed
+            ]
+        )
         now = self._now()
-        for scope, delta in zip(late.scopes, late.taken, strict=True):
-            if delta is not None and scope not in reply.failed:
-                window_start, pushed_requests, pushed_tokens = delta
-                requests, tokens = max(pushed_requests, 0), max(pushed_tokens, 0)
-                if requests or tokens:
-                    self._table.restore(scope, window_start, -requests, -tokens, now, self._window)
         if reply.allowed and not reply.failed and not late.uncounted:
             for t in reply.totals:
                 self._table.restore(
@@ -771,12 +768,16 @@ class TieredLimiter:
         window ends instead.
         """
         now = self._now()
-        for scope, window_start, pushed_requests, pushed_tokens, *_ in deltas:
-            requests, tokens = max(pushed_requests, 0), max(pushed_tokens, 0)
-            if not requests and not tokens:
-                continue
+        for scope, window_start, requests, tokens in _charges(deltas):
             if not self._table.restore(scope, window_start, requests, tokens, now, self._window):
                 self._counts["dropped_deltas"] += 1
+
+    def _take_back(self, deltas: Sequence[Delta | tuple[Any, ...]]) -> None:
+        """Undo `_restore` for deltas that a late reply shows Redis counted after all. Charges
+        a sync has pushed again meanwhile stay in Redis as a lease of this proxy."""
+        now = self._now()
+        for scope, window_start, requests, tokens in _charges(deltas):
+            self._table.restore(scope, window_start, -requests, -tokens, now, self._window)
 
     def _redis_failed(self, exc: BaseException) -> None:
         """Count a failed Redis call, log its kind once, and serve by the policy until a sync."""
@@ -949,6 +950,17 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a background task's outcome retrieved, so asyncio does not log it."""
     if not task.cancelled():
         task.exception()
+
+
+def _charges(
+    deltas: Sequence[Delta | tuple[Any, ...]],
+) -> Iterator[tuple[str, int, int, int]]:
+    """The charges in pushed deltas (scope, window start, requests, tokens): their positive
+    parts, where any is left; give-backs are never pushed twice."""
+    for scope, window_start, pushed_requests, pushed_tokens, *_ in deltas:
+        requests, tokens = max(pushed_requests, 0), max(pushed_tokens, 0)
+        if requests or tokens:
+            yield scope, window_start, requests, tokens
 
 
 def _error_kind(exc: BaseException) -> str:

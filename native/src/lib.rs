@@ -507,7 +507,7 @@ impl PyTable {
             let deltas = self.inner.drain(now, window, idle, lease);
             // The sync is where the table grows and shrinks in steps, and is off the request
             // path: release what that left in the heap, without holding the GIL.
-            if self.trimmer.due(self.inner.stats().memory_bytes) {
+            if self.trimmer.due(self.inner.memory_bytes()) {
                 py.detach(heap::release);
             }
             PyList::new(

@@ -1501,12 +1501,26 @@ impl Table {
         evicted
     }
 
+    /// Bytes of memory the table holds (as `stats().memory_bytes`), without looking at any
+    /// record: cheap enough for every sync.
+    pub fn memory_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|padded| padded.0.read().memory_bytes() as u64)
+            .sum::<u64>()
+            + self.own_bytes()
+    }
+
+    fn own_bytes(&self) -> u64 {
+        (size_of::<Self>() + size_of_val(&*self.shards)) as u64
+    }
+
     /// Counters and memory accounting.
     pub fn stats(&self) -> Stats {
         let mut stats = Stats {
             evictions: self.evictions.load(Relaxed),
             rejected: self.rejected.load(Relaxed),
-            memory_bytes: (size_of::<Self>() + size_of_val(&*self.shards)) as u64,
+            memory_bytes: self.own_bytes(),
             ..Stats::default()
         };
         for padded in &*self.shards {

@@ -978,6 +978,18 @@ fn memory_per_idle_scope_stays_small() {
     assert_eq!(stats.active, 0);
     let per_scope = stats.memory_bytes as f64 / f64::from(n);
     assert!(per_scope <= 32.0, "{per_scope} bytes per scope");
+    assert_eq!(t.memory_bytes(), stats.memory_bytes);
+}
+
+#[test]
+fn memory_bytes_counts_active_records_as_stats_does() {
+    let t = Table::with_key(1000, 4, (9, 10)).expect("valid configuration");
+    for i in 0..300 {
+        assert!(apply(&t, &format!("user:{i}"), 100, 0, 0, 100.0));
+    }
+    let stats = t.stats();
+    assert_eq!(stats.active, 300);
+    assert_eq!(t.memory_bytes(), stats.memory_bytes);
 }
 
 #[test]
