@@ -17,8 +17,11 @@ from .support import free_port
 class HeldReplies:
     """`async with HeldReplies(redis_port) as relay:` listens on `relay.url`."""
 
-    def __init__(self, redis_port: int) -> None:
+    def __init__(self, redis_port: int, *, stall: int = 0) -> None:
         self.redis_port = redis_port
+        self.stall = stall  # the first `stall` connections are accepted and never answered
+        self.connections = 0
+        self.upstream_errors: list[str] = []
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.released = asyncio.Event()
@@ -44,6 +47,8 @@ class HeldReplies:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+        if exc is not None and hasattr(exc, "add_note"):  # Python 3.11 and newer
+            exc.add_note(await self._report())
         if self._server is not None:
             self._server.close()
         for task in list(self._pipes):
@@ -52,11 +57,48 @@ class HeldReplies:
             await asyncio.gather(*self._pipes, return_exceptions=True)
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.connections += 1
+        if self.connections <= self.stall:
+            self._pipes.add(asyncio.create_task(self._swallow(reader, writer)))
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        except OSError as error:
+            self.upstream_errors.append(repr(error))
+            # The client sees its connection closed (and tries again) instead of waiting on
+            # one that nobody will ever answer.
+            writer.close()
+            raise
         for pipe in (self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True)):
             task = asyncio.create_task(pipe)
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
+
+    async def _report(self) -> str:
+        """What the relay saw, and how fast Redis answers now, for a failed test's report."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", self.redis_port), 2.0
+            )
+            writer.close()
+            redis = f"Redis accepted a connection in {loop.time() - started:.3f} s"
+        except (OSError, asyncio.TimeoutError) as error:
+            redis = f"Redis did not accept a connection: {error!r}"
+        return (
+            f"relay: {self.connections} connections, {self.held} replies held, "
+            f"upstream errors {self.upstream_errors}; {redis}"
+        )
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool

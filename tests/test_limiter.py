@@ -18,6 +18,7 @@ from tiered_limiter import (
 )
 
 from .conftest import FakeClock
+from .relay import HeldReplies
 from .support import RedisServer, free_port
 
 KEY = "api_key:" + "ab" * 32
@@ -262,6 +263,22 @@ async def test_start_waits_for_a_redis_still_starting(clock: FakeClock) -> None:
         server.stop()
 
 
+async def test_start_drops_a_connection_that_never_answers(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """The first connection is accepted and never answered (a half-open link, a stuck proxy
+    in front of Redis): `start` gives that PING up and tries a new connection, instead of
+    spending the whole of `connect_timeout` on it."""
+    async with HeldReplies(redis_server.port, stall=1) as relay:
+        lim = limiter(relay.url, clock, connect_timeout=3.0)
+        await lim.start()
+        try:
+            assert relay.connections >= 2
+            assert (await lim.acquire(KEY, rpm=10)).allowed
+        finally:
+            await lim.close()
+
+
 async def test_clean_stop_flushes_every_delta(redis_url: str, clock: FakeClock) -> None:
     async with limiter(redis_url, clock) as lim:
         for i in range(20):
@@ -324,6 +341,9 @@ async def test_bad_scopes_raise(
         ({"sync_interval": -1}, "sync_interval must be a positive"),
         ({"sync_interval": math.nan}, "sync_interval must be a positive"),
         ({"sync_interval": 60, "window": 60}, "sync_interval must be shorter than window"),
+        ({"sync_interval": 1e-308}, "sync_interval must be at least 0.001 seconds"),
+        ({"idle_release": 1e308}, "idle_release must be at most 86400 seconds"),
+        ({"redis_timeout": 86_401}, "redis_timeout must be at most 86400 seconds"),
         ({"window": 0}, "window must be between 1"),
         ({"max_scopes": 0}, "max_scopes must be between 1"),
         ({"on_redis_down": "panic"}, "on_redis_down must be one of local, allow, deny"),

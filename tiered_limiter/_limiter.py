@@ -87,9 +87,22 @@ class Limit:
 
 
 _Errors = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class _NoAnswerError(Exception):
+    """`start` gave up on Redis after `attempts` PINGs; the last error is the cause."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(attempts)
+        self.attempts = attempts
+
+
 _T = TypeVar("_T")
 # Seconds between PINGs while `start` waits for Redis.
 _START_RETRY = 0.05
+# The longest one PING of `start` waits (unless `redis_timeout` is longer): a connection that
+# was accepted but never answers is dropped and a new one tried, not waited on to the end.
+_START_ATTEMPT = 1.0
 # The error code Redis gives a command on a key of another type; the script reports it per scope.
 _WRONGTYPE = "WRONGTYPE"
 
@@ -107,7 +120,8 @@ class TieredLimiter:
     Args:
         redis: A Redis URL, a `redis.asyncio.Redis` or `RedisCluster` client, or None for one
             process without Redis (exact within the process).
-        sync_interval: Seconds between pushes of local deltas to Redis.
+        sync_interval: Seconds between pushes of local deltas to Redis, at least 0.001 and
+            shorter than `window`. Every duration here is at most a day (86,400 s).
         window: The window length in seconds, as LiteLLM's `LITELLM_RATE_LIMIT_WINDOW_SIZE`.
         max_scopes: The most scopes tracked in memory; past it, idle synced scopes are evicted.
         namespace: A prefix of every Redis key (LiteLLM's `RedisCache(namespace=...)`).
@@ -162,7 +176,9 @@ class TieredLimiter:
         lease_horizon: float = 10.0,
     ) -> None:
         self._window = _validate.positive_int(window, "window", maximum=86_400 * 366)
-        self._interval = _validate.positive_seconds(sync_interval, "sync_interval")
+        self._interval = _validate.positive_seconds(
+            sync_interval, "sync_interval", minimum=_validate.MIN_INTERVAL
+        )
         if self._interval >= self._window:
             raise InvalidArgumentError(
                 f"sync_interval must be shorter than window ({self._window} s), got {sync_interval}"
@@ -274,13 +290,15 @@ class TieredLimiter:
         )
         try:
             await self._first_ping(backend)
-        except _Errors as exc:
+        except (_NoAnswerError, *_Errors) as exc:
             if self._owns_client:
                 await client.aclose()
+            last = exc.__cause__ if isinstance(exc, _NoAnswerError) else exc
+            tries = f" ({exc.attempts} PINGs)" if isinstance(exc, _NoAnswerError) else ""
             raise RedisUnavailableError(
                 f"could not reach Redis at {self._url} within "
-                f"connect_timeout={self._connect_timeout} s: "
-                f"{type(exc).__name__}"
+                f"connect_timeout={self._connect_timeout} s{tries}: "
+                f"{type(last).__name__}"
             ) from None
         self._backend = backend
         await self._sync_once()
@@ -288,22 +306,25 @@ class TieredLimiter:
         self._task = asyncio.create_task(self._run(), name="tiered_limiter.sync")
         self._task.add_done_callback(_log_crash)
 
-    async def _first_ping(self, backend: RedisBackend) -> None:
-        """PING until Redis answers, for at most `connect_timeout`; the last error if it never
-        does. A refused or slow connection is tried again (Redis may be starting beside this
-        process, or one answer may miss `redis_timeout` on a busy host); a refused password
-        is not."""
+    async def _first_ping(self, backend: RedisBackend) -> int:
+        """PING until Redis answers, for at most `connect_timeout`; return how many PINGs went
+        out, or raise the last error. A refused, failed or unanswered PING is tried again
+        (Redis may be starting beside this process, or one answer may miss its time on a busy
+        host), each on its own deadline so that one stuck connection does not use up the
+        whole wait; a refused password is not tried again."""
         deadline = time.monotonic() + self._connect_timeout
+        attempts = 0
         while True:
             left = deadline - time.monotonic()
+            attempts += 1
             try:
-                await backend.ping(max(left, 0.001))
-                return
+                await backend.ping(max(min(left, max(self._timeout, _START_ATTEMPT)), 0.001))
+                return attempts
             except AuthenticationError:
                 raise
-            except (RedisConnectionError, TimeoutError, asyncio.TimeoutError, OSError):
+            except (RedisConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
                 if time.monotonic() + _START_RETRY >= deadline:
-                    raise
+                    raise _NoAnswerError(attempts) from exc
             await asyncio.sleep(_START_RETRY)  # a pause between attempts, not a wait on state
 
     async def close(self) -> None:

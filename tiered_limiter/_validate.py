@@ -68,14 +68,24 @@ def requests(value: object) -> int:
     return value
 
 
-def positive_seconds(value: object, name: str) -> float:
-    """Return a finite, positive number of seconds."""
+# Bounds on every duration the limiter takes: a sync more often than every millisecond, or a
+# timeout longer than a day, is a mistake, and the ratios derived from them must stay finite.
+MIN_INTERVAL = 0.001
+MAX_SECONDS = 86_400.0
+
+
+def positive_seconds(value: object, name: str, *, minimum: float = 0.0) -> float:
+    """Return a finite number of seconds above zero (at least `minimum`), at most a day."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise InvalidArgumentError(
             f"{name} must be a positive, finite number of seconds, got {value}"
         )
+    if value < minimum:
+        raise InvalidArgumentError(f"{name} must be at least {minimum} seconds, got {value}")
+    if value > MAX_SECONDS:
+        raise InvalidArgumentError(f"{name} must be at most {MAX_SECONDS:.0f} seconds, got {value}")
     return float(value)
 
 
