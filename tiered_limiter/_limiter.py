@@ -306,12 +306,15 @@ class TieredLimiter:
         self._task = asyncio.create_task(self._run(), name="tiered_limiter.sync")
         self._task.add_done_callback(_log_crash)
 
-    async def _first_ping(self, backend: RedisBackend) -> int:
-        """PING until Redis answers, for at most `connect_timeout`; return how many PINGs went
-        out, or raise the last error. A refused, failed or unanswered PING is tried again
-        (Redis may be starting beside this process, or one answer may miss its time on a busy
-        host), each on its own deadline so that one stuck connection does not use up the
-        whole wait; a refused password is not tried again."""
+    async def _first_ping(self, backend: RedisBackend) -> None:
+        """PING until Redis answers, for at most `connect_timeout`; if it never does, raise
+        `_NoAnswerError` with the count of PINGs and the last error as its cause.
+
+        A refused, failed or unanswered PING is tried again (Redis may be starting beside this
+        process, or one answer may miss its time on a busy host), each on its own deadline so
+        that one stuck connection does not use up the whole wait; a refused password is not
+        tried again.
+        """
         deadline = time.monotonic() + self._connect_timeout
         attempts = 0
         while True:
@@ -319,7 +322,7 @@ class TieredLimiter:
             attempts += 1
             try:
                 await backend.ping(max(min(left, max(self._timeout, _START_ATTEMPT)), 0.001))
-                return attempts
+                return
             except AuthenticationError:
                 raise
             except (RedisConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
