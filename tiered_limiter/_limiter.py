@@ -316,12 +316,13 @@ class TieredLimiter:
         tried again.
         """
         deadline = time.monotonic() + self._connect_timeout
+        per_ping = max(self._timeout, _START_ATTEMPT)
         attempts = 0
         while True:
             left = deadline - time.monotonic()
             attempts += 1
             try:
-                await backend.ping(max(min(left, max(self._timeout, _START_ATTEMPT)), 0.001))
+                await backend.ping(max(min(left, per_ping), 0.001))
                 return
             except AuthenticationError:
                 raise
