@@ -27,6 +27,8 @@ class HeldReplies:
         self.released = asyncio.Event()
         self.released.set()
         self.held = 0  # replies that waited for `release`
+        self._passes = 0  # held replies `let_one_through` lets go while holding the rest
+        self._changed = asyncio.Event()  # set on each reply held and each pass or release
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -35,6 +37,29 @@ class HeldReplies:
 
     def release(self) -> None:
         self.released.set()
+        self._changed.set()
+
+    def let_one_through(self) -> None:
+        """Let the oldest held reply go on (or the next one held), and keep holding the rest."""
+        self._passes += 1
+        self._changed.set()
+
+    async def reply_held(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until `count` replies in all have been held back (so their commands have run in
+        Redis), at most `timeout` seconds."""
+
+        async def held() -> None:
+            while self.held < count:
+                await self._next_change()
+
+        try:
+            await asyncio.wait_for(held(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.held} of {count} replies held within {timeout} s") from None
+
+    async def _next_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
 
     async def __aenter__(self) -> HeldReplies:
         self._server = await asyncio.start_server(self._connected, "127.0.0.1", self.port)
@@ -100,6 +125,14 @@ class HeldReplies:
         finally:
             writer.close()
 
+    async def _my_turn(self) -> None:
+        """Wait for `release`, or for a pass from `let_one_through`, taking it."""
+        while not self.released.is_set():
+            if self._passes:
+                self._passes -= 1
+                return
+            await self._next_change()
+
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool
     ) -> None:
@@ -107,7 +140,8 @@ class HeldReplies:
             while data := await reader.read(65536):
                 if replies and not self.released.is_set():
                     self.held += 1
-                    await self.released.wait()
+                    self._changed.set()
+                    await self._my_turn()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
