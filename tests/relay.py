@@ -55,7 +55,8 @@ class HeldReplies:
         try:
             await asyncio.wait_for(held(), timeout)
         except asyncio.TimeoutError:
-            raise AssertionError(f"{self.held} of {count} replies held within {timeout} s") from None
+            held_now = f"{self.held} of {count} replies held"
+            raise AssertionError(f"{held_now} within {timeout} s") from None
 
     async def _next_change(self) -> None:
         self._changed.clear()

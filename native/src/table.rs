@@ -9,7 +9,7 @@
 //!   list so that record indices stay stable while readers hold the read lock.
 //!
 //! Locking: entries, the index and the record list change only under the shard's write lock.
-//! Under the read lock, only the atomics of a record change (`pend_req`, `pend_tok`,
+//! Under the read lock, only the atomics of a record change (`pend_*`, `lease_*`, `used_*`,
 //! `touched`), each by its own read-modify-write. Every atomic access is therefore `Relaxed`:
 //! the shard lock orders everything that must be seen together, and each counter needs only
 //! the atomicity of its own read-modify-write (checks re-validate their conditions in a
@@ -222,6 +222,11 @@ struct Record {
     name: Option<Arc<str>>,
     pend_req: AtomicI64,
     pend_tok: AtomicI64,
+    /// The lease Redis counts for this process, as of the last push or grant. Charges since
+    /// then spend it and corrections add to it in `pend_*` alone; this is what Redis loses
+    /// with the window, and all that `forget_lease` may drop.
+    lease_req: AtomicI64,
+    lease_tok: AtomicI64,
     /// What this process charged since the last drain; sizes the next lease.
     used_req: AtomicI64,
     used_tok: AtomicI64,
@@ -248,12 +253,22 @@ impl Record {
         self.pend_req.load(Relaxed) <= 0 && self.pend_tok.load(Relaxed) <= 0
     }
 
-    /// Drops the lease this record holds (a negative pending delta becomes 0), keeping
-    /// charges not yet pushed. True when it held one.
+    /// Drops the lease this record holds, and only that: whatever was charged or corrected
+    /// since the last push or grant stays pending, for the next push. (A negative pending
+    /// delta is not all lease: a correction recorded while a push was on its way is one.)
+    /// True when it held one.
     fn forget_lease(&self) -> bool {
-        let req = self.pend_req.fetch_max(0, Relaxed);
-        let tok = self.pend_tok.fetch_max(0, Relaxed);
-        req < 0 || tok < 0
+        let req = self.lease_req.swap(0, Relaxed);
+        let tok = self.lease_tok.swap(0, Relaxed);
+        add_saturating(&self.pend_req, req);
+        add_saturating(&self.pend_tok, tok);
+        req > 0 || tok > 0
+    }
+
+    /// Records that the pending delta, just settled by a push, is minus the lease now held.
+    fn pushed(&mut self) {
+        *self.lease_req.get_mut() = self.pend_req.get_mut().saturating_neg().max(0);
+        *self.lease_tok.get_mut() = self.pend_tok.get_mut().saturating_neg().max(0);
     }
 
     fn add(&self, requests: i64, tokens: i64) {
@@ -1113,6 +1128,7 @@ impl Table {
                 if let Some(r) = shard.records.get_mut(active as usize) {
                     *r.pend_req.get_mut() = 0;
                     *r.pend_tok.get_mut() = 0;
+                    r.pushed();
                 }
                 true
             }
@@ -1231,11 +1247,16 @@ impl Table {
         if reset {
             *record.pend_req.get_mut() = 0;
             *record.pend_tok.get_mut() = 0;
+            record.pushed();
         }
         // Redis reserved the lease inside `requests`/`tokens`; locally it is spendable
         // capacity, kept as a negative pending delta.
         *record.pend_req.get_mut() -= i64::from(lease_requests);
         *record.pend_tok.get_mut() -= i64::from(lease_tokens);
+        let lease = record.lease_req.get_mut();
+        *lease = lease.saturating_add(i64::from(lease_requests));
+        let lease = record.lease_tok.get_mut();
+        *lease = lease.saturating_add(i64::from(lease_tokens));
         record.fresh = true;
         true
     }
@@ -1315,6 +1336,7 @@ impl Table {
                 let want_tok = want(tpm, used_tok, last_tokens);
                 let (push_req, top_req) = settle(record.pend_req.get_mut(), want_req);
                 let (push_tok, top_tok) = settle(record.pend_tok.get_mut(), want_tok);
+                record.pushed();
 
                 let entry = record.entry as usize;
                 // A scope used since it was last settled is synced even with nothing to
@@ -1352,17 +1374,21 @@ impl Table {
         let shard = self.shard(&h).read();
         let entry = &shard.entries[shard.find(self.geo, &h)?];
         let record = shard.record(entry)?;
-        let take = |cell: &AtomicI64, keep_lease: bool| {
+        // What stays pending after the push is minus the lease then held.
+        let take = |cell: &AtomicI64, lease: &AtomicI64, keep_lease: bool| {
             if keep_lease {
-                cell.fetch_min(0, Relaxed).max(0)
+                let before = cell.fetch_min(0, Relaxed);
+                lease.store(before.saturating_neg().max(0), Relaxed);
+                before.max(0)
             } else {
+                lease.store(0, Relaxed);
                 cell.swap(0, Relaxed)
             }
         };
         Some((
             entry.window_start,
-            take(&record.pend_req, keep_leases.0),
-            take(&record.pend_tok, keep_leases.1),
+            take(&record.pend_req, &record.lease_req, keep_leases.0),
+            take(&record.pend_tok, &record.lease_tok, keep_leases.1),
         ))
     }
 
@@ -1417,9 +1443,9 @@ impl Table {
         true
     }
 
-    /// Drops every lease this process holds (negative pending deltas become 0), keeping
-    /// charges not yet pushed. For when Redis has lost the leases, e.g. restarted empty.
-    /// Returns how many scopes held one.
+    /// Drops every lease this process holds, keeping what was charged or corrected since each
+    /// scope's last push. For when Redis has lost the leases, e.g. restarted empty. Returns
+    /// how many scopes held one.
     pub fn forget_leases(&self) -> usize {
         let mut scopes = 0;
         for padded in &*self.shards {

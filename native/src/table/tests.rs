@@ -1748,7 +1748,9 @@ fn forgetting_leases_keeps_charges_to_push() {
     assert!(apply(&t, "charged", 100, 0, 0, 100.0));
     assert!(t.record("charged", 3, 100.0, W));
     assert_eq!(t.forget_leases(), 1);
-    assert_eq!(t.take("leased"), Some((100, 0, 0)));
+    // The request admitted from the lease since it was granted is not in what Redis lost:
+    // it is pushed; the 4 requests and 43 tokens never spent are dropped.
+    assert_eq!(t.take("leased"), Some((100, 1, 7)));
     assert_eq!(t.take("charged"), Some((100, 0, 3)));
     // Without its lease, the scope's next request goes to Redis.
     assert_eq!(outcome(&t, "leased", 10, 100, 7, 100.0), Outcome::Exact);
@@ -1761,6 +1763,40 @@ fn forgetting_leases_keeps_charges_to_push() {
     assert!(t.forget_lease("leased"));
     assert_eq!(t.take("leased"), Some((100, 0, 0)));
     assert_eq!(t.take("charged"), Some((100, 0, 2)));
+}
+
+#[test]
+fn forgetting_a_lease_keeps_a_correction_made_since_the_push() {
+    // A scope charged offline holds no lease; its first push restores its window in Redis.
+    let t = table();
+    let offline = Request {
+        offline: true,
+        ..request(1025, 100.0)
+    };
+    assert_eq!(
+        one(&t, "k", 0, 100_000, &offline).outcome,
+        Outcome::Admitted
+    );
+    let pushed = drain(&t, 100.1);
+    assert_eq!((pushed[0].requests, pushed[0].tokens), (1, 1025));
+    // The call's usage comes in while the push is on its way: a refund, not a lease.
+    assert!(t.record("k", -995, 100.2, W));
+    assert!(!t.forget_lease("k"), "no lease was held");
+    assert_eq!(t.take("k"), Some((100, 0, -995)));
+
+    // With a lease: what Redis lost is the lease as of the push, and only that.
+    let t = table();
+    assert!(lease(&t, "k", 100, (0, 1000), 100.0));
+    assert_eq!(outcome(&t, "k", 0, 100_000, 300, 100.0), Outcome::Admitted);
+    let pushed = drain(&t, 100.1);
+    // Used 300 of 1000: keeps the rest, 700, as its lease (the pace asks for no more).
+    assert_eq!(pushed[0].tokens, 0);
+    assert_eq!(outcome(&t, "k", 0, 100_000, 200, 100.2), Outcome::Admitted);
+    assert!(t.record("k", -150, 100.2, W));
+    assert!(t.forget_lease("k"));
+    // The request and 200 tokens charged and the 150 refunded since the push stay; the 700
+    // leased go.
+    assert_eq!(t.take("k"), Some((100, 1, 50)));
 }
 
 #[test]
