@@ -20,6 +20,7 @@ import pytest
 from tiered_limiter import Decision, Limit, TieredLimiter
 
 from .conftest import FakeClock
+from .relay import HeldReplies
 from .support import RedisServer, free_port
 
 KEY = "api_key:" + "ef" * 32
@@ -242,6 +243,28 @@ async def test_slow_redis_never_slows_a_warm_check(server: RedisServer, clock: F
         assert most == 1
         # A sync whose reply was lost may be counted again (docs/limitations.md): never less.
         assert counts(server, KEY)[1] >= 2201
+
+
+async def test_a_loop_held_up_past_an_interval_is_not_redis_being_slow(
+    server: RedisServer, clock: FakeClock
+) -> None:
+    """A sync looks overdue by the clock when this process's own event loop was held up (a long
+    callback; a proxy's startup work) while Redis's reply waited in the socket. A cold scope
+    then still waits for Redis, within `redis_timeout`, instead of taking the outage policy
+    (under fail-closed enforcement, a LiteLLM proxy answered such first requests with 503)."""
+    async with (
+        HeldReplies(server.port) as relay,
+        limiter(relay.url, clock, sync_interval=0.5) as lim,
+    ):
+        relay.hold()
+        await relay.reply_held()  # a sync's reply, on its way
+        relay.release()
+        # The fault itself, not a wait: a callback holds the loop for three intervals, and the
+        # reply is forwarded and read only after it.
+        time.sleep(1.5)  # noqa: ASYNC251  # blocking the loop is the point
+        assert (await lim.acquire("user:cold-after-a-stall", rpm=10)).allowed
+        assert lim.stats()["fallback_decisions"] == 0
+        assert lim.stats()["loads"] == 1
 
 
 async def test_redis_restarted_empty_rebuilds_counts(server: RedisServer, clock: FakeClock) -> None:

@@ -218,9 +218,9 @@ class TieredLimiter:
             )
         self._proxies = 1
         self._degraded = False
-        # When the sync in flight started (monotonic), None between syncs: a sync overdue by
-        # an interval means Redis is slow, and requests stop waiting on it (`_redis_slow`).
-        self._sync_since: float | None = None
+        # Whether the sync round trip in flight is overdue: then Redis is slow, and requests
+        # stop waiting on it (`_redis_slow`).
+        self._sync_watch = _Overdue(self._interval)
         # Every sync beats the heart, so a Redis that lost this proxy's leases is noticed in
         # the same round trip as the leases granted since (`_heard`); one beat in
         # `_prune_every` (about twice a second) also prunes silent proxies.
@@ -841,8 +841,7 @@ class TieredLimiter:
         Until it returns or times out (then the limiter is degraded), requests that need Redis
         are answered by the outage policy instead of queueing behind it.
         """
-        since = self._sync_since
-        return since is not None and time.monotonic() - since > self._interval
+        return self._sync_watch.overdue
 
     def _scopes_failed(self, count: int) -> None:
         """Count scopes Redis could not count (keys of another type); only they use the policy."""
@@ -902,7 +901,7 @@ class TieredLimiter:
                 for s, ws, r, t, want_r, want_t, rpm, tpm in chunk
             ]
             started = time.time()
-            self._sync_since = time.monotonic()
+            self._sync_watch.start()
             call = asyncio.ensure_future(
                 backend.sync(
                     calls,
@@ -927,7 +926,7 @@ class TieredLimiter:
                 self._redis_failed(exc)
                 return
             finally:
-                self._sync_since = None
+                self._sync_watch.stop()
             if self._degraded:
                 logger.warning("Redis at %s reachable again; syncing normally", self._url)
                 self._degraded = False
@@ -946,6 +945,43 @@ class TieredLimiter:
         self._since_prune = 0 if prune else self._since_prune + 1
         self._counts["syncs"] += 1
         self._table.evict(self._now(), self._window, _EVICT_BUDGET)
+
+
+class _Overdue:
+    """Times the sync round trip in flight: overdue once a timer set an interval after it
+    started runs on time and finds it still in flight.
+
+    A timer that runs late says that this process's own event loop was held up (a long
+    callback, a proxy's startup work), and then the reply may be waiting in the socket,
+    unread: that is not Redis being slow, and the timer looks again a quarter interval later,
+    by when the sync has read a reply that was there.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._timer: asyncio.TimerHandle | None = None
+        self.overdue = False
+
+    def start(self) -> None:
+        self.stop()
+        self._arm(asyncio.get_running_loop(), self._interval)
+
+    def stop(self) -> None:
+        self.overdue = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        due = loop.time() + delay
+        self._timer = loop.call_at(due, self._fire, loop, due)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if loop.time() - due <= self._interval / 2:
+            self._timer = None
+            self.overdue = True
+        else:
+            self._arm(loop, self._interval / 4)
 
 
 async def _within(call: Awaitable[_T], timeout: float, *, cancel: bool = True) -> _T:
