@@ -254,7 +254,8 @@ async def test_a_loop_held_up_past_an_interval_is_not_redis_being_slow(
     (under fail-closed enforcement, a LiteLLM proxy answered such first requests with 503)."""
     async with (
         HeldReplies(server.port) as relay,
-        limiter(relay.url, clock, sync_interval=0.5) as lim,
+        # A generous redis_timeout: the read must not time out on a starved machine either.
+        limiter(relay.url, clock, sync_interval=0.5, redis_timeout=2.0) as lim,
     ):
         relay.hold()
         await relay.reply_held()  # a sync's reply, on its way
