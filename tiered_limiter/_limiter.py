@@ -836,7 +836,8 @@ class TieredLimiter:
         self._proxies = backend.proxies = max(1, heartbeat.proxies)
 
     def _redis_slow(self) -> bool:
-        """The sync in flight has waited longer than an interval: Redis is slow or away.
+        """The sync in flight has waited longer than an interval, by a timer that ran on time
+        (`_Overdue`): Redis is slow or away.
 
         Until it returns or times out (then the limiter is degraded), requests that need Redis
         are answered by the outage policy instead of queueing behind it.

@@ -222,9 +222,9 @@ struct Record {
     name: Option<Arc<str>>,
     pend_req: AtomicI64,
     pend_tok: AtomicI64,
-    /// The lease Redis counts for this process, as of the last push or grant. Charges since
-    /// then spend it and corrections add to it in `pend_*` alone; this is what Redis loses
-    /// with the window, and all that `forget_lease` may drop.
+    /// The lease Redis counts for this process, as of the last push or grant. Charges and
+    /// corrections since then change `pend_*` alone. This is what Redis loses with the
+    /// window, and all that `forget_lease` may drop.
     lease_req: AtomicI64,
     lease_tok: AtomicI64,
     /// What this process charged since the last drain; sizes the next lease.
