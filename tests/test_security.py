@@ -114,7 +114,7 @@ async def test_wrong_password_raises_without_it(
     lim = TieredLimiter(url, clock=clock)
     with pytest.raises(RedisUnavailableError) as err:
         await lim.start()
-    assert "AuthenticationError" in str(err.value)
+    assert "refused this client's user or password: AuthenticationError" in str(err.value)
     no_secret_in(caplog, str(err.value), repr(err.value.__cause__))
 
 

@@ -268,7 +268,8 @@ class TieredLimiter:
         """Connect to Redis and start the sync task.
 
         Raises:
-            RedisUnavailableError: Redis did not answer within `connect_timeout`.
+            RedisUnavailableError: Redis did not answer within `connect_timeout`, or refused
+                the user or password (at once).
         """
         if self._task is not None or self._redis_arg is None:
             return
@@ -294,6 +295,12 @@ class TieredLimiter:
             if self._owns_client:
                 await client.aclose()
             last = exc.__cause__ if isinstance(exc, _NoAnswerError) else exc
+            if isinstance(last, AuthenticationError):
+                # Reached, and refused: waiting longer would not help.
+                raise RedisUnavailableError(
+                    f"Redis at {self._url} refused this client's user or password: "
+                    f"{type(last).__name__}"
+                ) from None
             tries = f" ({exc.attempts} PINGs)" if isinstance(exc, _NoAnswerError) else ""
             raise RedisUnavailableError(
                 f"could not reach Redis at {self._url} within "
