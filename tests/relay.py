@@ -40,7 +40,8 @@ class HeldReplies:
         self._changed.set()
 
     def let_one_through(self) -> None:
-        """Let the oldest held reply go on (or the next one held), and keep holding the rest."""
+        """Let one held reply go on (or the next one held, if none is), and keep holding the
+        rest."""
         self._passes += 1
         self._changed.set()
 

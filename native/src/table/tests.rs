@@ -1789,7 +1789,7 @@ fn forgetting_a_lease_keeps_a_correction_made_since_the_push() {
     assert!(lease(&t, "k", 100, (0, 1000), 100.0));
     assert_eq!(outcome(&t, "k", 0, 100_000, 300, 100.0), Outcome::Admitted);
     let pushed = drain(&t, 100.1);
-    // Used 300 of 1000: keeps the rest, 700, as its lease (the pace asks for no more).
+    // Used 300 of 1000: pushes nothing, and keeps the other 700 as its lease.
     assert_eq!(pushed[0].tokens, 0);
     assert_eq!(outcome(&t, "k", 0, 100_000, 200, 100.2), Outcome::Admitted);
     assert!(t.record("k", -150, 100.2, W));
@@ -1797,6 +1797,16 @@ fn forgetting_a_lease_keeps_a_correction_made_since_the_push() {
     // The request and 200 tokens charged and the 150 refunded since the push stay; the 700
     // leased go.
     assert_eq!(t.take("k"), Some((100, 1, 50)));
+
+    // An exact check's push that keeps the token lease: what it keeps is the lease then.
+    let t = table();
+    assert!(lease(&t, "k", 100, (5, 50), 100.0));
+    assert_eq!(outcome(&t, "k", 10, 100, 7, 100.0), Outcome::Admitted);
+    assert_eq!(t.take_keeping("k", (false, true)), Some((100, -4, 0)));
+    assert!(t.record("k", -5, 100.1, W));
+    assert!(t.forget_lease("k"));
+    // The 43 tokens kept are dropped; the correction made since stays.
+    assert_eq!(t.take("k"), Some((100, 0, -5)));
 }
 
 #[test]
